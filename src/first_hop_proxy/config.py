@@ -1,0 +1,513 @@
+"""The config file: its typed model, its defaults and how it is loaded.
+
+The YAML format is a contract: a ``config.yaml`` written for the original
+implementation (``../shared/spec/original-config.example.yaml``) must load here.
+Loading never half-works: every problem is collected and reported at once, one
+line per problem, each naming the key path and what to do about it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import regex
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+StatusCode = Annotated[int, Field(ge=100, le=599)]
+NonNegative = Annotated[float, Field(ge=0)]
+Positive = Annotated[float, Field(gt=0)]
+
+ROLES = frozenset({"user", "assistant", "system", "tool", "developer", "all"})
+FLAG_LETTERS = "imsx"
+DEFAULT_PORT = 8765
+
+# The spec's lists, de-overlapped: in the spec's own defaults the codes it lists
+# twice resolve to fail (411-421) or retry (423-451) anyway, so the behaviour is
+# the same and the defaults load without a warning.
+DEFAULT_RETRY_CODES = [429, 502, 503, 504, 505, 507, 508, 511, 408, 409, 410]
+DEFAULT_RETRY_CODES += [423, 424, 425, 426, 428, 431, 451]
+DEFAULT_FAIL_CODES = [400, 401, 403, 405, 406, 407, 411, 412, 413, 414, 415, 416, 417, 418]
+DEFAULT_FAIL_CODES += [421, 422]
+DEFAULT_CONDITIONAL_CODES = [404]
+
+
+class Section(BaseModel):
+    """Base of every config section: strict about types, tolerant of unknown keys.
+
+    Unknown keys are reported as warnings (with a did-you-mean) by the loader,
+    so a typo never stops a proxy that otherwise works.
+    """
+
+    model_config = ConfigDict(extra="ignore", validate_default=True, frozen=True)
+
+
+def check_flags(value: str) -> str:
+    bad = sorted({c for c in value if c not in FLAG_LETTERS})
+    if bad:
+        raise ValueError(
+            f"unknown flag letter(s) {', '.join(map(repr, bad))}; use only i, m, s, x"
+        )
+    return value
+
+
+def check_pattern(value: str) -> str:
+    try:
+        regex.compile(value, regex.V0)
+    except regex.error as exc:
+        raise ValueError(f"invalid regular expression: {exc}") from None
+    return value
+
+
+class PatternRule(Section):
+    pattern: str
+    description: str = ""
+
+    _pattern_ok = field_validator("pattern")(check_pattern)
+
+
+class RewriteRule(PatternRule):
+    replacement: str = ""
+    flags: str = ""
+
+    _flags_ok = field_validator("flags")(check_flags)
+
+
+class MessageRule(RewriteRule):
+    apply_to: str | list[str] = "all"
+
+    @field_validator("apply_to")
+    @classmethod
+    def _roles_ok(cls, value: str | list[str]) -> str | list[str]:
+        roles = [value] if isinstance(value, str) else value
+        unknown = [r for r in roles if r not in ROLES]
+        if unknown:
+            raise ValueError(
+                f"unknown role(s) {', '.join(map(repr, unknown))}; "
+                f"use {', '.join(sorted(ROLES))} or a list of them"
+            )
+        return value
+
+    @property
+    def roles(self) -> frozenset[str]:
+        return frozenset([self.apply_to] if isinstance(self.apply_to, str) else self.apply_to)
+
+
+class TargetProxy(Section):
+    url: str = ""
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout: Positive = 30
+    connect_timeout: Positive = 10
+
+
+class RegexReplacement(Section):
+    enabled: bool = True
+    rules: list[MessageRule] = Field(default_factory=list)
+    timeout_ms: Positive = 100
+
+
+class ResponseProcessing(Section):
+    enabled: bool = True
+    rules: list[RewriteRule] = Field(default_factory=list)
+    max_match_chars: Annotated[int, Field(ge=0)] = 64
+    timeout_ms: Positive = 100
+
+
+class RecategorizationRule(PatternRule):
+    original_status: StatusCode | None = None
+    new_status: StatusCode
+
+
+class StatusRecategorization(Section):
+    enabled: bool = True
+    rules: list[RecategorizationRule] = Field(default_factory=list)
+
+
+class JsonExtraction(Section):
+    enabled: bool = True
+    paths: list[str] = Field(
+        default_factory=lambda: ["error.message", "proxy_note", "choices[0].finish_reason"]
+    )
+
+
+class ParsingLogging(Section):
+    enabled: bool = True
+    log_recategorization: bool = True
+    include_original_status: bool = True
+    include_new_status: bool = True
+    include_matched_pattern: bool = True
+
+
+class ResponseParsing(Section):
+    enabled: bool = True
+    status_recategorization: StatusRecategorization = Field(default_factory=StatusRecategorization)
+    json_extraction: JsonExtraction = Field(default_factory=JsonExtraction)
+    logging: ParsingLogging = Field(default_factory=ParsingLogging)
+
+
+class HardStopRule(PatternRule):
+    user_message: str = ""
+    preserve_original_response: bool = True
+    add_user_message: bool = True
+
+
+class HardStopConditions(Section):
+    enabled: bool = True
+    rules: list[HardStopRule] = Field(default_factory=list)
+
+
+class EmptyResponse(Section):
+    enabled: bool = True
+    max_retries: Annotated[int, Field(ge=0)] = 3
+    finish_reasons: list[str] = Field(
+        default_factory=lambda: ["SAFETY", "RECITATION", "OTHER", "error"]
+    )
+    deliver_last: bool = False
+
+
+class ErrorHandling(Section):
+    retry_codes: list[StatusCode] = Field(default_factory=lambda: list(DEFAULT_RETRY_CODES))
+    fail_codes: list[StatusCode] = Field(default_factory=lambda: list(DEFAULT_FAIL_CODES))
+    conditional_retry_codes: list[StatusCode] = Field(
+        default_factory=lambda: list(DEFAULT_CONDITIONAL_CODES)
+    )
+    max_retries: Annotated[int, Field(ge=0)] = 10
+    base_delay: NonNegative = 1
+    max_delay: NonNegative = 60
+    conditional_retry_enabled: bool = True
+    conditional_retry_max_attempts: Annotated[int, Field(ge=0)] = 2
+    conditional_retry_delay_multiplier: NonNegative = 0.5
+    max_total_seconds: Positive | None = None
+    exhausted_429_status: StatusCode = 503
+    stream_keepalive_seconds: Positive = 10
+    hard_stop_conditions: HardStopConditions = Field(default_factory=HardStopConditions)
+    empty_response: EmptyResponse = Field(default_factory=EmptyResponse)
+
+
+class CircuitBreaker(Section):
+    enabled: bool = True
+    failure_threshold: Annotated[int, Field(ge=1)] = 5
+    recovery_timeout: NonNegative = 60
+    half_open_max_requests: Annotated[int, Field(ge=1)] = 1
+
+
+class Server(Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = DEFAULT_PORT
+    debug: bool = False
+    cors_origins: list[str] = Field(default_factory=lambda: ["*"])
+    max_body_mb: Positive = 50
+    shutdown_grace_seconds: NonNegative = 30
+
+
+class Logging(Section):
+    enabled: bool = True
+    folder: str = "logs"
+    include_request_data: bool = True
+    include_response_data: bool = True
+    include_headers: bool = True
+    include_timing: bool = True
+    max_files: Annotated[int, Field(ge=1)] = 1000
+    max_age_days: Positive = 30
+
+
+class ErrorLogging(Section):
+    enabled: bool = True
+    folder: str = "logs/errors"
+    include_stack_traces: bool = True
+    include_request_context: bool = True
+    include_timing: bool = True
+    max_file_size_mb: Positive = 10
+    max_files: Annotated[int, Field(ge=1)] = 100
+
+
+class Config(Section):
+    target_proxy: TargetProxy = Field(default_factory=TargetProxy)
+    regex_replacement: RegexReplacement = Field(default_factory=RegexReplacement)
+    response_processing: ResponseProcessing = Field(default_factory=ResponseProcessing)
+    response_parsing: ResponseParsing = Field(default_factory=ResponseParsing)
+    error_handling: ErrorHandling = Field(default_factory=ErrorHandling)
+    circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)
+    server: Server = Field(default_factory=Server)
+    logging: Logging = Field(default_factory=Logging)
+    error_logging: ErrorLogging = Field(default_factory=ErrorLogging)
+
+
+class ConfigError(Exception):
+    """The config cannot be used. ``problems`` holds one line per problem."""
+
+    def __init__(
+        self, problems: list[str], source: str = "config", warnings: list[str] | None = None
+    ) -> None:
+        self.problems = problems
+        self.warnings = warnings or []
+        self.source = source
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A validated config, where it came from, and what was odd about it."""
+
+    config: Config
+    path: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def demo(self) -> bool:
+        """No target configured: the proxy answers with its built-in demo upstream."""
+        return not self.config.target_proxy.url
+
+
+def default_config_path(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    return Path(env.get("FHP_CONFIG") or "config.yaml")
+
+
+def load_config(
+    path: Path | None = None, env: Mapping[str, str] | None = None, *, required: bool = False
+) -> LoadedConfig:
+    """Load and validate the config at ``path`` (default: ``$FHP_CONFIG`` or ./config.yaml).
+
+    A missing file is demo mode unless ``required``; everything else that is
+    wrong raises :class:`ConfigError` listing every problem.
+    """
+    env = os.environ if env is None else env
+    explicit = path is not None or bool(env.get("FHP_CONFIG"))
+    path = path or default_config_path(env)
+    if not path.exists():
+        if required or explicit:
+            raise ConfigError(
+                [f"no such file; copy config.yaml.example to {path} and set target_proxy.url"],
+                str(path),
+            )
+        return parse_config({}, base_dir=Path.cwd(), env=env)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"cannot read the file: {exc}"], str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {_yaml_problem(exc)}"], str(path)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(["the top level must be a mapping of sections"], str(path))
+    loaded = parse_config(data, base_dir=path.resolve().parent, env=env, source=str(path))
+    return LoadedConfig(loaded.config, path, loaded.warnings)
+
+
+def parse_config(
+    data: dict[str, Any],
+    *,
+    base_dir: Path,
+    env: Mapping[str, str] | None = None,
+    source: str = "config",
+) -> LoadedConfig:
+    """Validate a config mapping; apply ``${VAR}`` expansion and ``FHP_*`` overrides."""
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    data = _expand_env(data, env, "", problems)
+    _apply_env_overrides(data, env, problems)
+    warnings = list(_unknown_keys(Config, data, ""))
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        problems += [_format_error(err) for err in exc.errors()]
+    if problems:
+        raise ConfigError(problems, source, warnings)
+    config = _resolve_folders(config, base_dir)
+    warnings += _semantic_warnings(config)
+    return LoadedConfig(config, None, warnings)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    if mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return str(problem)
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+
+
+def _expand_env(value: Any, env: Mapping[str, str], path: str, problems: list[str]) -> Any:
+    if isinstance(value, str) and "${" in value:
+
+        def sub(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env and env[name] != "":
+                return env[name]
+            if default is not None:
+                return default
+            problems.append(
+                f"{path or '<root>'}: environment variable {name} is not set "
+                f"(set it, or write ${{{name}:-fallback}} for a default)"
+            )
+            return ""
+
+        return _ENV_REF.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _expand_env(v, env, _join(path, str(k)), problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, env, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    return value
+
+
+def _apply_env_overrides(data: dict[str, Any], env: Mapping[str, str], problems: list[str]) -> None:
+    def section(name: str) -> dict[str, Any]:
+        current = data.get(name)
+        if not isinstance(current, dict):
+            current = {}
+            data[name] = current
+        return current
+
+    if env.get("FHP_TARGET_URL"):
+        section("target_proxy")["url"] = env["FHP_TARGET_URL"]
+    if env.get("FHP_TARGET_API_KEY"):
+        target = section("target_proxy")
+        headers = target.get("headers")
+        headers = dict(headers) if isinstance(headers, dict) else {}
+        for name in [h for h in headers if str(h).lower() == "authorization"]:
+            del headers[name]
+        headers["Authorization"] = f"Bearer {env['FHP_TARGET_API_KEY']}"
+        target["headers"] = headers
+    if env.get("FHP_HOST"):
+        section("server")["host"] = env["FHP_HOST"]
+    if env.get("FHP_PORT"):
+        try:
+            section("server")["port"] = int(env["FHP_PORT"])
+        except ValueError:
+            problems.append(f"FHP_PORT: {env['FHP_PORT']!r} is not a port number (use 1-65535)")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _format_error(err: Any) -> str:
+    path = ""
+    for part in err["loc"]:
+        path = f"{path}[{part}]" if isinstance(part, int) else _join(path, str(part))
+    message = str(err["msg"])
+    message = message.removeprefix("Value error, ")
+    if err["type"] == "missing":
+        message = "required key is missing"
+    elif "input" in err and err["type"] not in ("value_error",):
+        message = f"{message} (got {err['input']!r})"
+    return f"{path}: {message}"
+
+
+def _model_of(annotation: Any) -> type[Section] | None:
+    """The Section class inside ``annotation`` (directly, or as a list item)."""
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _unknown_keys(model: type[Section], data: Any, path: str) -> list[str]:
+    if not isinstance(data, dict):
+        return []
+    warnings: list[str] = []
+    fields = model.model_fields
+    for key, value in data.items():
+        key_path = _join(path, str(key))
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            warnings.append(f"{key_path}: unknown key, ignored{hint}")
+            continue
+        if model is TargetProxy and key == "headers":
+            continue
+        sub = _model_of(fields[key].annotation)
+        if sub is None:
+            continue
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                warnings += _unknown_keys(sub, item, f"{key_path}[{i}]")
+        else:
+            warnings += _unknown_keys(sub, value, key_path)
+    return warnings
+
+
+def _resolve_folders(config: Config, base_dir: Path) -> Config:
+    def resolve(folder: str) -> str:
+        p = Path(folder).expanduser()
+        return str(p if p.is_absolute() else (base_dir / p))
+
+    return config.model_copy(
+        update={
+            "logging": config.logging.model_copy(update={"folder": resolve(config.logging.folder)}),
+            "error_logging": config.error_logging.model_copy(
+                update={"folder": resolve(config.error_logging.folder)}
+            ),
+        }
+    )
+
+
+SECRET_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key", "cookie"}
+)
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _semantic_warnings(config: Config) -> list[str]:
+    warnings: list[str] = []
+    eh = config.error_handling
+    lists: list[tuple[str, list[int]]] = [
+        ("fail_codes", eh.fail_codes),
+        ("retry_codes", eh.retry_codes),
+        ("conditional_retry_codes", eh.conditional_retry_codes),
+    ]
+    seen: dict[int, str] = {}
+    overlaps: dict[tuple[str, str], list[int]] = {}
+    for name, codes in lists:
+        for code in codes:
+            if code in seen and seen[code] != name:
+                overlaps.setdefault((seen[code], name), []).append(code)
+            else:
+                seen.setdefault(code, name)
+    for (winner, loser), codes in overlaps.items():
+        listed = ", ".join(str(c) for c in sorted(set(codes)))
+        warnings.append(
+            f"error_handling.{loser}: {listed} also in {winner}; {winner} wins "
+            "(precedence: fail_codes, then retry_codes, then conditional_retry_codes)"
+        )
+    if config.server.host not in LOCAL_HOSTS and any(
+        h.lower() in SECRET_HEADERS for h in config.target_proxy.headers
+    ):
+        warnings.append(
+            f"server.host: listening on {config.server.host} exposes the key in "
+            "target_proxy.headers to anyone on the network who can reach this port; "
+            "use 127.0.0.1 unless other machines must connect"
+        )
+    for section, rules in (
+        ("regex_replacement", config.regex_replacement.rules),
+        ("response_processing", config.response_processing.rules),
+    ):
+        for i, rule in enumerate(rules):
+            if regex.compile(rule.pattern).match("") is not None:
+                warnings.append(
+                    f"{section}.rules[{i}].pattern: {rule.pattern!r} matches the empty string, "
+                    "so it rewrites between every character of every text; escape special "
+                    "characters (e.g. '\\\\|' for a literal pipe)"
+                )
+    if eh.base_delay > eh.max_delay:
+        warnings.append(
+            f"error_handling.base_delay: {eh.base_delay} is above max_delay "
+            f"({eh.max_delay}); every retry waits max_delay"
+        )
+    return warnings
+
