@@ -1,0 +1,89 @@
+"""How long to wait before the next upstream attempt.
+
+Everything here is pure: the caller passes in the random jitter and the wall
+clock, so every delay the proxy will ever choose can be pinned down in a test.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from datetime import timezone
+from email.utils import parsedate_to_datetime
+
+#: Jitter spreads retries of many requests apart: +/- this share of the delay.
+JITTER_SPREAD = 0.25
+
+#: Above this retry number the doubling is past any sane cap; stop doubling so
+#: the arithmetic cannot overflow.
+_MAX_EXPONENT = 62
+
+
+def delay_for(retry_number: int, base: float, cap: float, jitter: float) -> float:
+    """The wait before retry ``retry_number`` (1 for the first retry).
+
+    Exponential: ``base * 2**(n-1)``, then moved by +/-25 % according to
+    ``jitter`` (0 -> -25 %, 0.5 -> unchanged, 1 -> +25 %), then capped at ``cap``.
+    The cap comes last so a configured ``max_delay`` is never exceeded.
+    """
+    exponent = min(max(retry_number, 1) - 1, _MAX_EXPONENT)
+    jitter = min(max(jitter, 0.0), 1.0)
+    raw = base * float(2**exponent) * (1.0 - JITTER_SPREAD + 2 * JITTER_SPREAD * jitter)
+    return max(0.0, min(raw, cap))
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait according to a ``Retry-After`` header value.
+
+    Accepts delta-seconds (``"30"``, also ``"1.5"`` which some proxies send) or
+    an HTTP date, compared with ``now`` (Unix time). A time in the past means
+    "now": 0. Anything unreadable is ``None`` so the caller falls back to its
+    own backoff rather than trusting garbage.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        if not math.isfinite(seconds):
+            return None
+        return max(seconds, 0.0)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(when.timestamp() - now, 0.0)
+
+
+def retry_after_from_headers(headers: Mapping[str, str], now: float | None) -> float | None:
+    """The upstream's requested wait, from lowercase response headers.
+
+    ``retry-after-ms`` (sent by OpenAI-style APIs, more precise) wins over
+    ``retry-after``. Without a wall clock (``now`` is None) an HTTP-date value
+    cannot be evaluated and is ignored.
+    """
+    millis = headers.get("retry-after-ms")
+    if millis is not None:
+        try:
+            value = float(millis.strip())
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value):
+            return max(value / 1000.0, 0.0)
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    if now is None:
+        try:
+            seconds = float(raw.strip())
+        except ValueError:
+            return None
+        return max(seconds, 0.0) if math.isfinite(seconds) else None
+    return parse_retry_after(raw, now)

@@ -1,0 +1,138 @@
+"""The ``first-hop-proxy`` command: serve, check-config, rewrite."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import __version__
+from .config import SECRET_HEADERS, ConfigError, LoadedConfig, load_config
+from .demo import BANNER
+from .server import RunningServer, serve_forever
+
+log = logging.getLogger("first_hop_proxy")
+
+
+def mask_secret(value: str) -> str:
+    """Enough to recognize a key, never enough to use it."""
+    scheme, _, token = value.partition(" ")
+    if not token:
+        scheme, token = "", value
+    shown = token[-4:] if len(token) >= 12 else ""
+    return f"{scheme} ***{shown}".strip()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="first-hop-proxy",
+        description="A fast, resilient OpenAI-compatible proxy for SillyTavern.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command")
+
+    def config_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--config",
+            type=Path,
+            default=None,
+            help="config file (default: $FHP_CONFIG or ./config.yaml)",
+        )
+
+    for p in (parser, commands.add_parser("serve", help="start the proxy (the default)")):
+        config_option(p)
+        p.add_argument("--host", default=None, help="address to listen on (server.host)")
+        p.add_argument("--port", type=int, default=None, help="port to listen on (server.port)")
+
+    check = commands.add_parser(
+        "check-config", help="validate the config and print it with secrets masked"
+    )
+    config_option(check)
+    return parser
+
+
+def setup_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    logging.getLogger("aiohttp").setLevel(logging.WARNING)
+
+
+def load_or_report(path: Path | None) -> LoadedConfig | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"Config error in {exc.source}:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        for warning in exc.warnings:
+            print(f"  warning: {warning}", file=sys.stderr)
+        return None
+
+
+def effective_config(loaded: LoadedConfig) -> dict[str, Any]:
+    data = loaded.config.model_dump(mode="json")
+    headers = data["target_proxy"]["headers"]
+    for name, value in headers.items():
+        if name.lower() in SECRET_HEADERS:
+            headers[name] = mask_secret(value)
+    return data
+
+
+def check_config(path: Path | None) -> int:
+    loaded = load_or_report(path)
+    if loaded is None:
+        return 1
+    source = str(loaded.path) if loaded.path else "no config file (demo mode, built-in defaults)"
+    print(f"# effective config from {source}")
+    print(yaml.safe_dump(effective_config(loaded), sort_keys=False, allow_unicode=True), end="")
+    for warning in loaded.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"OK: config is valid ({len(loaded.warnings)} warning(s))", file=sys.stderr)
+    return 0
+
+
+def serve(path: Path | None, host: str | None, port: int | None) -> int:
+    loaded = load_or_report(path)
+    if loaded is None:
+        return 1
+    setup_logging(loaded.config.server.debug)
+    for warning in loaded.warnings:
+        log.warning("config: %s", warning)
+
+    def ready(running: RunningServer) -> None:
+        if loaded.demo:
+            log.warning(BANNER)
+        log.info("first-hop-proxy %s listening on %s", __version__, running.url)
+        log.info("SillyTavern: set the API URL to %s/v1", running.url)
+
+    try:
+        asyncio.run(serve_forever(loaded, host, port, on_ready=ready))
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", host or loaded.config.server.host,
+                  port if port is not None else loaded.config.server.port, exc.strerror or exc)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    log.info("stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "check-config":
+        return check_config(args.config)
+    return serve(args.config, args.host, args.port)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

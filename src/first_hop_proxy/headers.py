@@ -1,0 +1,63 @@
+"""Which headers cross the proxy, in each direction."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+# RFC 9110 section 7.6.1 connection-specific fields, plus the ones this proxy sets itself.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+# Not forwarded back to the client: the body is re-framed (and decompressed) here.
+RESPONSE_DROP = HOP_BY_HOP | {"content-encoding", "x-request-id", "date", "server"}
+EMPTY_BEARERS = frozenset({"bearer", "bearer undefined", "bearer null", "bearer none"})
+
+
+def _connection_named(headers: Mapping[str, str]) -> set[str]:
+    value = headers.get("Connection") or headers.get("connection") or ""
+    return {name.strip().lower() for name in value.split(",") if name.strip()}
+
+
+def upstream_headers(
+    client: CIMultiDictProxy[str] | Mapping[str, str], configured: Mapping[str, str]
+) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop ones; configured headers added and winning.
+
+    ``Authorization: Bearer undefined`` (and ``null``, or nothing after ``Bearer``)
+    is what SillyTavern sends when no key is stored: it counts as absent.
+    """
+    drop = HOP_BY_HOP | _connection_named(client)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in client.items():
+        lower = name.lower()
+        if lower in drop:
+            continue
+        if lower == "authorization" and value.strip().lower() in EMPTY_BEARERS:
+            continue
+        out.add(name, value)
+    for name, value in configured.items():
+        out[name] = value
+    return out
+
+
+def client_headers(upstream: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+    """The upstream's response headers that still mean something after the proxy."""
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream:
+        if name.lower() not in RESPONSE_DROP:
+            out.add(name, value)
+    return out

@@ -1,0 +1,73 @@
+"""``GET /models``: the upstream's list, or the last good one, or a default.
+
+SillyTavern reads ``data[].id`` to fill its model picker; a failing list must
+never show as an error page, so this endpoint always answers 200.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .state import STATE
+from .upstream import TRANSPORT_ERRORS
+
+DEFAULT_MODELS = ("gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet", "gemini-2.5-pro")
+
+
+def models_url(target_url: str) -> str:
+    """The target URL with its trailing ``/chat/completions`` replaced by ``/models``."""
+    base = target_url.rstrip("/")
+    if base.endswith("/chat/completions"):
+        return base[: -len("/chat/completions")] + "/models"
+    return base + "/models"
+
+
+def default_list() -> dict[str, Any]:
+    now = int(time.time())
+    return {
+        "object": "list",
+        "data": [
+            {"id": m, "object": "model", "created": now, "owned_by": "first-hop-proxy"}
+            for m in DEFAULT_MODELS
+        ],
+    }
+
+
+CACHE = web.AppKey("models_cache", dict)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    cache: dict[str, bytes] = request.app[CACHE]
+    url = models_url(state.target_url)
+    headers = {
+        k: v
+        for k, v in state.config.target_proxy.headers.items()
+    }
+    auth = request.headers.get("Authorization", "")
+    if auth and "authorization" not in {k.lower() for k in headers}:
+        if auth.strip().lower() not in {"bearer", "bearer undefined", "bearer null"}:
+            headers["Authorization"] = auth
+    try:
+        async with state.session.get(url, headers=headers) as resp:
+            body = await resp.read()
+            if resp.status == 200:
+                parsed = orjson.loads(body)
+                if isinstance(parsed, dict) and isinstance(parsed.get("data"), list):
+                    cache["last"] = body
+                    return _answer(body, "upstream")
+    except (*TRANSPORT_ERRORS, orjson.JSONDecodeError):
+        pass
+    if "last" in cache:
+        return _answer(cache["last"], "cache")
+    return _answer(orjson.dumps(default_list()), "default")
+
+
+def _answer(body: bytes, source: str) -> web.Response:
+    return web.Response(
+        body=body, content_type="application/json", headers={"X-Models-Source": source}
+    )

@@ -1,0 +1,260 @@
+"""Masking of API keys, tokens and passwords before anything is written to disk.
+
+Logs are shared in bug reports and read over HTTP, so every header, URL, body
+and error text passes through a :class:`Redactor` first. Masking keeps just
+enough of a key to tell two keys apart (``sk-…wxyz``), never enough to use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import regex  # type: ignore[import-untyped,unused-ignore]
+
+ELLIPSIS = "…"
+SHORT = "***"
+MIN_MASKED_LENGTH = 12
+MIN_KNOWN_SECRET = 8
+MAX_VISIBLE = 7
+
+SECRET_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "x-api-key",
+        "api-key",
+        "x-goog-api-key",
+        "cookie",
+        "set-cookie",
+    }
+)
+_SECRET_HEADER_WORDS = ("api-key", "apikey", "token", "secret", "password", "session")
+_AUTH_SCHEMES = frozenset({"bearer", "basic", "token", "digest"})
+
+# JSON keys (compared lower-case with '-' and '_' removed) whose values are secrets.
+SECRET_KEYS = frozenset(
+    {
+        "apikey",
+        "xapikey",
+        "xgoogapikey",
+        "accesstoken",
+        "refreshtoken",
+        "idtoken",
+        "sessiontoken",
+        "token",
+        "authorization",
+        "proxyauthorization",
+        "password",
+        "passwd",
+        "secret",
+        "clientsecret",
+        "cookie",
+        "setcookie",
+    }
+)
+
+# One pass over the text; each alternative is a named group the callback masks.
+# The `regex` engine is used because it releases the GIL while it scans
+# (``concurrent=True``): a multi-megabyte body redacted in the log writer thread
+# then never stalls the event loop.
+_SECRET_RE: Any = regex.compile(
+    r"(?P<sk>sk-[A-Za-z0-9_\-]{16,})"
+    r"|(?P<aiza>AIza[A-Za-z0-9_\-]{35})"
+    r"|(?P<bearer_word>(?i:bearer)\s+)(?P<bearer>[A-Za-z0-9._~+/=\-]{12,})"
+    r"|(?P<json_key>\"(?i:api[_-]?key|apikey|x-api-key|x-goog-api-key|access[_-]?token"
+    r"|refresh[_-]?token|id[_-]?token|session[_-]?token|token|client[_-]?secret|secret"
+    r"|password|passwd|authorization|proxy-authorization)\"\s*:\s*\")"
+    r"(?P<json_value>(?:[^\"\\]|\\.)*)(?=\")"
+    r"|(?P<query_key>(?<![A-Za-z0-9_])(?i:key|api_key|apikey|api-key|access_token|token)=)"
+    r"(?P<query_value>[^&\s\"'#<>]+)"
+    r"|(?P<userinfo>://[^/\s:@\"']+:)(?P<password>[^/\s@\"']+)(?=@)",
+    regex.V0,
+)
+# Substrings without which _SECRET_RE cannot match: checking them is much cheaper
+# than running the regex over a long body.
+_HINTS = (
+    "sk-",
+    "AIza",
+    "earer",
+    "EARER",
+    "key",
+    "Key",
+    "KEY",
+    "oken",
+    "OKEN",
+    "ecret",
+    "ECRET",
+    "assw",
+    "ASSW",
+    "uthorization",
+    "UTHORIZATION",
+    "@",
+)
+_QUERY_KEYS = frozenset({"key", "api_key", "apikey", "api-key", "access_token", "token"})
+_DATA_URL_RE: Any = regex.compile(r"data:[\w.+-]+/[\w.+-]+;base64,[A-Za-z0-9+/=\s]*\Z")
+
+
+def mask(secret: str) -> str:
+    """A short, non-reversible stand-in for ``secret``: ``sk-…wxyz``, or ``***`` if short."""
+    secret = secret.strip()
+    if len(secret) < MIN_MASKED_LENGTH:
+        return SHORT
+    if len(secret) < 20:
+        return ELLIPSIS + secret[-4:]
+    if secret.startswith("AIza"):
+        prefix = "AIza"
+    elif secret.startswith("sk-"):
+        prefix = "sk-"
+    else:
+        prefix = secret[:3]
+    suffix = min(4, MAX_VISIBLE - len(prefix))
+    return f"{prefix}{ELLIPSIS}{secret[-suffix:]}"
+
+
+def is_secret_header(name: str) -> bool:
+    lowered = name.lower()
+    return lowered in SECRET_HEADERS or any(w in lowered for w in _SECRET_HEADER_WORDS)
+
+
+def is_secret_key(name: str) -> bool:
+    return name.lower().replace("-", "").replace("_", "") in SECRET_KEYS
+
+
+def mask_header_value(value: str) -> str:
+    """Mask a credential header value, keeping its scheme word (``Bearer sk-…wxyz``)."""
+    scheme, sep, rest = value.strip().partition(" ")
+    if sep and scheme.lower() in _AUTH_SCHEMES:
+        return f"{scheme} {mask(rest)}"
+    return mask(value)
+
+
+def header_secrets(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> list[str]:
+    """The credential values in ``headers`` (scheme word removed), to mask wherever they occur."""
+    found: list[str] = []
+    for name, value in _header_items(headers):
+        if is_secret_header(name):
+            scheme, sep, rest = value.strip().partition(" ")
+            found.append(rest.strip() if sep and scheme.lower() in _AUTH_SCHEMES else value)
+    return found
+
+
+def _header_items(
+    headers: Mapping[str, str] | Iterable[tuple[str, str]],
+) -> Iterable[tuple[str, str]]:
+    if isinstance(headers, Mapping):
+        return headers.items()
+    return headers
+
+
+class Redactor:
+    """Masks key-shaped strings, plus ``extra_secrets`` known exactly wherever they appear.
+
+    Known secrets (the configured upstream key, the client's key) are masked even
+    when they do not look like keys. Instances are immutable and thread-safe.
+    """
+
+    def __init__(self, extra_secrets: Iterable[str] = ()) -> None:
+        known = {s.strip() for s in extra_secrets if s and len(s.strip()) >= MIN_KNOWN_SECRET}
+        # Longest first, so a secret containing another is replaced whole.
+        self._known: tuple[str, ...] = tuple(sorted(known, key=len, reverse=True))
+
+    @property
+    def known_secrets(self) -> tuple[str, ...]:
+        return self._known
+
+    def with_secrets(self, extra_secrets: Iterable[str]) -> Redactor:
+        """A redactor that also masks ``extra_secrets``."""
+        extra = [s for s in extra_secrets if s]
+        if not extra:
+            return self
+        return Redactor([*self._known, *extra])
+
+    def text(self, text: str) -> str:
+        """Mask known secrets and key-shaped strings anywhere in ``text``."""
+        text = self._replace_known(text)
+        if any(hint in text for hint in _HINTS):
+            text = _SECRET_RE.sub(_mask_match, text, concurrent=True)
+        return text
+
+    def url(self, url: str) -> str:
+        """Mask key-like query values and ``user:password@`` credentials in ``url``."""
+        return self.text(url)
+
+    def headers(self, headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str, str]:
+        """Headers as a dict, credential values masked and other values scrubbed."""
+        out: dict[str, str] = {}
+        for name, value in _header_items(headers):
+            masked = mask_header_value(value) if is_secret_header(name) else self.text(value)
+            out[name] = f"{out[name]}, {masked}" if name in out else masked
+        return out
+
+    def obj(self, obj: Any) -> Any:
+        """A copy of JSON-like data: secret-named fields and key-shaped strings masked."""
+        if isinstance(obj, str):
+            return self._string(obj)
+        if isinstance(obj, Mapping):
+            out: dict[Any, Any] = {}
+            for key, value in obj.items():
+                if isinstance(key, str) and is_secret_key(key) and isinstance(value, str):
+                    out[key] = mask_header_value(value)
+                else:
+                    out[key] = self.obj(value)
+            return out
+        if isinstance(obj, list | tuple):
+            return [self.obj(item) for item in obj]
+        return obj
+
+    def _string(self, value: str) -> str:
+        # Inline images are large and cannot hold a key-shaped string ('-' is not
+        # base64), so only the cheap known-secret check runs over them.
+        if len(value) > 4096 and value.startswith("data:") and _DATA_URL_RE.match(value):
+            return self._replace_known(value)
+        return self.text(value)
+
+    def _replace_known(self, text: str) -> str:
+        for secret in self._known:
+            if secret in text:
+                text = text.replace(secret, mask(secret))
+        return text
+
+
+def _mask_match(match: Any) -> str:
+    group: str | None = match.lastgroup
+    whole: str = match.group(0)
+    if group in ("sk", "aiza"):
+        return mask(whole)
+    prefix_of = {
+        "bearer": "bearer_word",
+        "json_value": "json_key",
+        "query_value": "query_key",
+        "password": "userinfo",
+    }
+    if group not in prefix_of:
+        return whole
+    prefix: str = match.group(prefix_of[group])
+    secret: str = match.group(group)
+    return prefix + (SHORT if group == "password" else mask(secret))
+
+
+_PLAIN = Redactor()
+
+
+def redact_text(text: str) -> str:
+    """Mask key-shaped strings (``sk-…``, ``AIza…``, ``Bearer …``, ``"api_key": "…"``) in text."""
+    return _PLAIN.text(text)
+
+
+def redact_url(url: str) -> str:
+    """Mask ``key=``/``api_key=``/``access_token=`` query values and URL passwords."""
+    return _PLAIN.url(url)
+
+
+def redact_headers(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Headers with credential values masked (scheme word kept)."""
+    return _PLAIN.headers(headers)
+
+
+def redact_obj(obj: Any) -> Any:
+    """A JSON-like structure with secret fields and key-shaped strings masked."""
+    return _PLAIN.obj(obj)

@@ -1,0 +1,79 @@
+"""Running the proxy: bind, serve, and stop gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from .app import create_app
+from .config import LoadedConfig
+from .demo import DEMO_PATH
+from .state import STATE
+
+# A burst of hundreds of SillyTavern connections must not overflow the listen queue.
+BACKLOG = 4096
+
+
+@dataclass(eq=False)
+class RunningServer:
+    runner: web.AppRunner
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def close(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to the grace time), close."""
+        await self.runner.cleanup()
+
+
+async def start(loaded: LoadedConfig, host: str | None = None, port: int | None = None) -> RunningServer:
+    """Start serving ``loaded`` on ``host:port`` (port 0: any free port)."""
+    server = loaded.config.server
+    host = host or server.host
+    port = server.port if port is None else port
+    app = create_app(loaded)
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,  # a client that leaves cancels its upstream request at once
+        shutdown_timeout=server.shutdown_grace_seconds,
+        access_log=None,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=BACKLOG, reuse_address=True)
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    sockets = runner.addresses
+    bound = sockets[0][1] if sockets else port
+    if loaded.demo:
+        local = "127.0.0.1" if ":" not in host else "::1"
+        local_host = f"[{local}]" if ":" in local else local
+        app[STATE].target_url = f"http://{local_host}:{bound}{DEMO_PATH}"
+    return RunningServer(runner, host, bound)
+
+
+async def serve_forever(loaded: LoadedConfig, host: str | None, port: int | None, on_ready: object = None) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down gracefully."""
+    running = await start(loaded, host, port)
+    if callable(on_ready):
+        on_ready(running)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # Windows
+            signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop.set))
+    try:
+        await stop.wait()
+    finally:
+        await running.close()

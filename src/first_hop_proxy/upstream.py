@@ -1,0 +1,213 @@
+"""One attempt at the upstream: send the request, read what came back.
+
+Each function here performs a single attempt and reports what happened as a
+:class:`Reply`; it never decides whether to retry. Transport failures become
+values (``error`` set), not exceptions, so the caller has one thing to inspect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .sse import DONE, EventSplitter, event_data
+
+EMPTY_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+
+
+@dataclass(slots=True, eq=False)
+class Reply:
+    """What one upstream attempt produced."""
+
+    status: int | None = None
+    headers: CIMultiDictProxy[str] = field(default_factory=lambda: EMPTY_HEADERS)
+    body: bytes = b""
+    error: str | None = None  # "connection_error", "timeout", "cut_short"
+    message: str = ""
+    # Streams: the open response and the events read before the first content.
+    response: aiohttp.ClientResponse | None = None
+    splitter: EventSplitter | None = None
+    events: list[bytes] = field(default_factory=list)
+    first_content: bool = False
+    error_event: bytes | None = None
+    finish_reason: str | None = None
+    content_at: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.status is not None and 200 <= self.status < 300
+
+    def close(self) -> None:
+        """Drop the upstream connection (a stream we stop reading must not linger)."""
+        if self.response is not None:
+            self.response.close()
+            self.response = None
+
+    def payloads(self) -> str:
+        """The data of the events read so far, for the decision rules to search."""
+        parts = [event_data(e) or b"" for e in self.events]
+        return b"\n".join(p for p in parts if p).decode("utf-8", "replace")
+
+
+def host_of(url: str) -> str:
+    parts = urlsplit(url)
+    return parts.netloc.rpartition("@")[2] or url
+
+
+def describe_failure(exc: BaseException, url: str, timeout: float) -> tuple[str, str]:
+    """Turn a transport exception into (kind, a sentence a person can act on)."""
+    host = host_of(url)
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return "timeout", f"Could not connect to the upstream at {host} in time (connect timeout)."
+    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        return "timeout", (
+            f"The upstream at {host} sent nothing for {timeout:g} s "
+            "(target_proxy.timeout); it may be overloaded or hung."
+        )
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return "connection_error", (
+            f"Could not resolve the upstream host {host}: check target_proxy.url "
+            "and your internet connection."
+        )
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
+        return "connection_error", f"TLS handshake with the upstream at {host} failed: {exc}."
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        cause = exc.os_error.strerror or str(exc.os_error)
+        return "connection_error", (
+            f"Could not connect to the upstream at {host}: {cause}. "
+            "Check target_proxy.url and that the upstream is running."
+        )
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "cut_short", f"The upstream at {host} cut its reply short: {exc}."
+    if isinstance(exc, aiohttp.ServerDisconnectedError | ConnectionResetError):
+        return "connection_error", f"The upstream at {host} closed the connection unexpectedly."
+    if isinstance(exc, ssl.SSLError):
+        return "connection_error", f"TLS error with the upstream at {host}: {exc}."
+    return "connection_error", f"Request to the upstream at {host} failed: {exc!r}."
+
+
+TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+
+
+async def fetch(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    timeout: float,
+) -> Reply:
+    """A non-streaming attempt: the whole reply, or the failure."""
+    try:
+        async with session.post(url, data=body, headers=headers) as resp:
+            data = await resp.read()
+            return Reply(status=resp.status, headers=resp.headers, body=data)
+    except TRANSPORT_ERRORS as exc:
+        kind, message = describe_failure(exc, url, timeout)
+        return Reply(error=kind, message=message)
+
+
+def is_event_stream(resp: aiohttp.ClientResponse) -> bool:
+    return resp.content_type == "text/event-stream"
+
+
+def inspect_chunk(payload: Any) -> tuple[bool, bool, str | None]:
+    """(has content, is an error, finish reason) of one parsed stream event."""
+    if not isinstance(payload, dict):
+        return False, False, None
+    if "error" in payload and payload["error"]:
+        return False, True, None
+    finish: str | None = None
+    for choice in payload.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        finish = choice.get("finish_reason") or finish
+        delta = choice.get("delta") or choice.get("message") or {}
+        if isinstance(delta, dict):
+            content = delta.get("content")
+            if (isinstance(content, str) and content) or delta.get("tool_calls"):
+                return True, False, finish
+            if delta.get("function_call"):
+                return True, False, finish
+        text = choice.get("text")
+        if isinstance(text, str) and text:
+            return True, False, finish
+    return False, False, finish
+
+
+async def open_stream(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    timeout: float,
+) -> Reply:
+    """A streaming attempt, read up to its first content.
+
+    Nothing has reached the client yet, so whatever goes wrong before the first
+    content can still be retried unseen. On success the reply holds the open
+    response and the events read so far; the caller relays them and the rest.
+    """
+    try:
+        resp = await session.post(url, data=body, headers=headers)
+    except TRANSPORT_ERRORS as exc:
+        kind, message = describe_failure(exc, url, timeout)
+        return Reply(error=kind, message=message)
+    reply = Reply(status=resp.status, headers=resp.headers)
+    try:
+        if not (200 <= resp.status < 300) or not is_event_stream(resp):
+            reply.body = await resp.read()
+            resp.release()
+            return reply
+        splitter = EventSplitter()
+        async for chunk in resp.content.iter_any():
+            if _scan(reply, splitter.feed(chunk)):
+                break
+        else:
+            rest = splitter.flush()
+            if rest is not None:
+                _scan(reply, iter((rest,)))
+            resp.release()
+            return reply
+    except TRANSPORT_ERRORS as exc:
+        resp.close()
+        reply.error, reply.message = describe_failure(exc, url, timeout)
+        return reply
+    except BaseException:
+        resp.close()
+        raise
+    if reply.error_event is not None:
+        resp.close()
+        return reply
+    reply.response, reply.splitter = resp, splitter
+    reply.content_at = asyncio.get_running_loop().time()
+    return reply
+
+
+def _scan(reply: Reply, events: Any) -> bool:
+    """Buffer events; True once the first content (or an error event) is among them."""
+    for event in events:
+        reply.events.append(event)
+        if reply.first_content:
+            continue
+        data = event_data(event)
+        if data is None or data == DONE:
+            continue
+        try:
+            payload = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            continue
+        content, error, finish = inspect_chunk(payload)
+        reply.finish_reason = finish or reply.finish_reason
+        if error:
+            reply.error_event = data
+            return True
+        reply.first_content = content
+    return reply.first_content

@@ -1,0 +1,200 @@
+"""A single background thread that does all log file I/O.
+
+Disk writes, directory scans and log formatting can take milliseconds to
+seconds (slow disks, large bodies); none of it may run on the event loop. The
+server only enqueues work; a broken log folder never turns into a failed request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .redact import redact_text
+
+logger = logging.getLogger("first_hop_proxy")
+
+WARN_INTERVAL_SECONDS = 60.0
+MAX_NAME_SUFFIX = 10_000
+
+Job = Callable[[], object]
+
+
+def write_new_file(path: str | os.PathLike[str], text: str) -> Path:
+    """Create ``path`` (or ``name_2.ext``, ``name_3.ext``…) and write ``text`` in one go.
+
+    Exclusive create means two events never overwrite each other's file; the
+    name actually used is returned.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    data = text.encode("utf-8", errors="replace")
+    for n in range(1, MAX_NAME_SUFFIX):
+        candidate = target if n == 1 else target.with_name(f"{target.stem}_{n}{target.suffix}")
+        try:
+            with open(candidate, "xb") as f:
+                f.write(data)
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"no free file name near {target}")
+
+
+class LogWriter:
+    """Runs log jobs one at a time, in order, on a dedicated daemon thread.
+
+    ``submit``/``submit_call`` never block and never raise. Failures are counted
+    and reported (at most one warning per ``warn_interval`` seconds) instead.
+    """
+
+    def __init__(self, *, warn_interval: float = WARN_INTERVAL_SECONDS) -> None:
+        self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self._warn_interval = warn_interval
+        self._last_warning = -float("inf")
+        self.submitted = 0
+        self.written = 0
+        self.failures = 0
+        self.suppressed_warnings = 0
+        self.last_error: str | None = None
+
+    async def start(self) -> None:
+        """Start the worker thread (also started on the first submit)."""
+        self._ensure_thread()
+
+    async def close(self) -> None:
+        """Finish every queued job, then stop the worker thread."""
+        thread = self._thread
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if thread is None:
+            return
+        self._queue.put(None)
+        await asyncio.to_thread(thread.join)
+
+    def close_sync(self, timeout: float | None = None) -> None:
+        """Blocking form of :meth:`close`, for shutdown paths without a running loop."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+
+    async def drain(self) -> None:
+        """Wait until every job submitted so far has run."""
+        if self._closed or self._thread is None:
+            return
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def resolve() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def signal() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(resolve)
+
+        self._put(signal, count=False)
+        await done
+
+    def submit(self, path: str | os.PathLike[str], text: str) -> None:
+        """Queue writing ``text`` to a new file at ``path``."""
+        self.submit_call(lambda: write_new_file(path, text))
+
+    def submit_call(self, fn: Job) -> None:
+        """Queue ``fn`` to run on the worker thread; its errors are counted, not raised."""
+        self._put(fn, count=True)
+
+    def run(self, fn: Job) -> bool:
+        """Run ``fn`` now on the calling thread with the worker's error handling.
+
+        For code already on the worker thread, and for start-up before the loop.
+        """
+        try:
+            fn()
+        except Exception as exc:
+            self._record_failure(exc)
+            return False
+        return True
+
+    def status(self) -> dict[str, Any]:
+        """Counters for ``/health/detailed``."""
+        return {
+            "running": self._thread is not None and self._thread.is_alive(),
+            "queued": self._queue.qsize(),
+            "submitted": self.submitted,
+            "written": self.written,
+            "failures": self.failures,
+            "last_error": self.last_error,
+        }
+
+    def _put(self, fn: Job, *, count: bool) -> None:
+        if self._closed:
+            self.failures += 1
+            self.last_error = "log writer is closed"
+            return
+        if count:
+            self.submitted += 1
+        self._ensure_thread()
+        self._queue.put(fn if count else _Uncounted(fn))
+
+    def _ensure_thread(self) -> None:
+        if self._thread is not None:
+            return
+        with self._lock:
+            if self._thread is None and not self._closed:
+                thread = threading.Thread(target=self._work, name="fhp-log-writer", daemon=True)
+                thread.start()
+                self._thread = thread
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if isinstance(job, _Uncounted):
+                self.run(job.fn)
+            elif self.run(job):
+                self.written += 1
+
+    def _record_failure(self, exc: BaseException) -> None:
+        self.failures += 1
+        message = redact_text(f"{type(exc).__name__}: {exc}")
+        self.last_error = message
+        now = time.monotonic()
+        if now - self._last_warning >= self._warn_interval:
+            self._last_warning = now
+            extra = ""
+            if self.suppressed_warnings:
+                extra = f" ({self.suppressed_warnings} similar warnings suppressed)"
+                self.suppressed_warnings = 0
+            logger.warning("log write failed: %s%s", message, extra)
+        else:
+            self.suppressed_warnings += 1
+
+
+class _Uncounted:
+    """A bookkeeping job (drain signals) left out of the written/submitted counters."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Job) -> None:
+        self.fn = fn
+
+    def __call__(self) -> object:
+        return self.fn()

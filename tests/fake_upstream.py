@@ -1,0 +1,208 @@
+"""A real upstream on a loopback port that misbehaves on command.
+
+Tests queue behaviours (``upstream.queue(Json(503), Sse([...]))``); each incoming
+request takes the next one, or ``upstream.default`` when the queue is empty.
+Everything received is recorded, and so is the moment each client connection
+went away, so tests can assert what the proxy sent and when it hung up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+
+def completion(text: str = "Hello there!", finish: str | None = "stop", **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": "fake-model",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+    }
+    body.update(extra)
+    return body
+
+
+def chunk(text: str | None = None, finish: str | None = None, index: int = 0, role: bool = False) -> dict[str, Any]:
+    delta: dict[str, Any] = {}
+    if role:
+        delta["role"] = "assistant"
+    if text is not None:
+        delta["content"] = text
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": "fake-model",
+        "choices": [{"index": index, "delta": delta, "finish_reason": finish}],
+    }
+
+
+def text_chunks(*texts: str, finish: str = "stop") -> list[dict[str, Any]]:
+    """A typical stream: a role event, one event per text, a finish event."""
+    return [chunk(role=True, text=""), *(chunk(t) for t in texts), chunk(finish=finish)]
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+    @property
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+class Behaviour:
+    async def run(self, request: web.Request, upstream: FakeUpstream) -> web.StreamResponse:
+        raise NotImplementedError
+
+
+@dataclass
+class Json(Behaviour):
+    status: int = 200
+    body: Any = field(default_factory=completion)
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+
+    async def run(self, request: web.Request, upstream: FakeUpstream) -> web.StreamResponse:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        raw = self.body if isinstance(self.body, bytes) else orjson.dumps(self.body)
+        if isinstance(self.body, str):
+            raw = self.body.encode()
+        return web.Response(
+            status=self.status,
+            body=raw,
+            headers={"Content-Type": "application/json", **self.headers},
+        )
+
+
+@dataclass
+class Sse(Behaviour):
+    """Stream ``events`` (dicts are JSON-encoded; str/bytes sent as the data payload).
+
+    ``end``: "done" sends ``data: [DONE]``; "close" just ends the body; "reset"
+    aborts the connection; "hang" stops sending but keeps the connection open.
+    """
+
+    events: Sequence[Any] = field(default_factory=lambda: text_chunks("Hello", " there!"))
+    gap: float = 0.0
+    status: int = 200
+    end: str = "done"
+    raw: bool = False  # events are complete wire bytes (framing under test)
+
+    async def run(self, request: web.Request, upstream: FakeUpstream) -> web.StreamResponse:
+        out = web.StreamResponse(status=self.status, headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        for i, event in enumerate(self.events):
+            if i and self.gap:
+                await asyncio.sleep(self.gap)
+            if self.raw:
+                data = event if isinstance(event, bytes) else str(event).encode()
+                await out.write(data)
+                continue
+            if isinstance(event, dict):
+                payload = orjson.dumps(event)
+            else:
+                payload = event if isinstance(event, bytes) else str(event).encode()
+            await out.write(b"data: " + payload + b"\n\n")
+        if self.end == "done":
+            if self.gap:
+                await asyncio.sleep(self.gap)
+            await out.write(b"data: [DONE]\n\n")
+        elif self.end == "reset":
+            assert request.transport is not None
+            request.transport.abort()
+            return out
+        elif self.end == "hang":
+            await asyncio.sleep(3600)
+        await out.write_eof()
+        return out
+
+
+@dataclass
+class Hang(Behaviour):
+    seconds: float = 3600
+
+    async def run(self, request: web.Request, upstream: FakeUpstream) -> web.StreamResponse:
+        await asyncio.sleep(self.seconds)
+        return web.Response(body=orjson.dumps(completion()), content_type="application/json")
+
+
+@dataclass
+class Reset(Behaviour):
+    """Close the connection without answering."""
+
+    async def run(self, request: web.Request, upstream: FakeUpstream) -> web.StreamResponse:
+        assert request.transport is not None
+        request.transport.abort()
+        return web.Response()
+
+
+class FakeUpstream:
+    def __init__(self) -> None:
+        self.script: deque[Behaviour] = deque()
+        self.default: Behaviour = Json()
+        self.received: list[Received] = []
+        self.disconnects: list[float] = []
+        self.models: Behaviour = Json(body={"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    def queue(self, *behaviours: Behaviour) -> None:
+        self.script.extend(behaviours)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def chat_url(self) -> str:
+        return f"{self.base}/v1/chat/completions"
+
+    @property
+    def calls(self) -> int:
+        return sum(1 for r in self.received if r.path.endswith("/chat/completions"))
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.received.append(Received(request.path, dict(request.headers), body, time.monotonic()))
+        behaviour = self.script.popleft() if self.script else self.default
+        try:
+            return await behaviour.run(request, self)
+        except asyncio.CancelledError:
+            self.disconnects.append(time.monotonic())
+            raise
+
+    async def _models(self, request: web.Request) -> web.StreamResponse:
+        self.received.append(Received(request.path, dict(request.headers), b"", time.monotonic()))
+        return await self.models.run(request, self)
+
+    async def start(self) -> FakeUpstream:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
