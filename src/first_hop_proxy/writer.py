@@ -28,22 +28,28 @@ MAX_NAME_SUFFIX = 10_000
 Job = Callable[[], object]
 
 
-def write_new_file(path: str | os.PathLike[str], text: str) -> Path:
+def write_new_file(path: str | os.PathLike[str], text: str | Callable[[str], str]) -> Path:
     """Create ``path`` (or ``name_2.ext``, ``name_3.ext``…) and write ``text`` in one go.
 
     Exclusive create means two events never overwrite each other's file; the
-    name actually used is returned.
+    path actually used is returned. ``text`` may be a function of the chosen
+    file name, for files that mention their own name.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    data = text.encode("utf-8", errors="replace")
     for n in range(1, MAX_NAME_SUFFIX):
         candidate = target if n == 1 else target.with_name(f"{target.stem}_{n}{target.suffix}")
         try:
-            with open(candidate, "xb") as f:
-                f.write(data)
+            f = open(candidate, "xb")  # noqa: SIM115 - closed below
         except FileExistsError:
             continue
+        try:
+            with f:
+                content = text(candidate.name) if callable(text) else text
+                f.write(content.encode("utf-8", errors="replace"))
+        except BaseException:
+            candidate.unlink(missing_ok=True)  # no half-written or empty logs
+            raise
         return candidate
     raise FileExistsError(f"no free file name near {target}")
 
@@ -63,6 +69,7 @@ class LogWriter:
         self._warn_interval = warn_interval
         self._last_warning = -float("inf")
         self.submitted = 0
+        self.completed = 0
         self.written = 0
         self.failures = 0
         self.suppressed_warnings = 0
@@ -114,7 +121,13 @@ class LogWriter:
 
     def submit(self, path: str | os.PathLike[str], text: str) -> None:
         """Queue writing ``text`` to a new file at ``path``."""
-        self.submit_call(lambda: write_new_file(path, text))
+        self.submit_call(lambda: self.write_file(path, text))
+
+    def write_file(self, path: str | os.PathLike[str], text: str | Callable[[str], str]) -> Path:
+        """Write a new file now (call on the worker thread); counted in ``written``."""
+        written = write_new_file(path, text)
+        self.written += 1
+        return written
 
     def submit_call(self, fn: Job) -> None:
         """Queue ``fn`` to run on the worker thread; its errors are counted, not raised."""
@@ -138,6 +151,7 @@ class LogWriter:
             "running": self._thread is not None and self._thread.is_alive(),
             "queued": self._queue.qsize(),
             "submitted": self.submitted,
+            "completed": self.completed,
             "written": self.written,
             "failures": self.failures,
             "last_error": self.last_error,
@@ -170,7 +184,7 @@ class LogWriter:
             if isinstance(job, _Uncounted):
                 self.run(job.fn)
             elif self.run(job):
-                self.written += 1
+                self.completed += 1
 
     def _record_failure(self, exc: BaseException) -> None:
         self.failures += 1

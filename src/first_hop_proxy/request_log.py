@@ -1,0 +1,396 @@
+"""One log file per proxied request: what came in, every upstream try, what went out.
+
+The forwarding code fills a :class:`RequestRecord` as the request goes and hands
+it to :meth:`RequestLog.write` when done. Formatting (JSON pretty-printing,
+redaction of possibly large bodies) and writing both happen on the log writer
+thread, so the event loop only pays for building the record.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .config import Logging
+from .redact import Redactor, header_secrets
+from .writer import LogWriter
+
+BANNER = "=" * 80
+RULE = "-" * 40
+FILE_RE = re.compile(r"^(?P<ts>\d{8}_\d{6}_\d{3})_(?P<id>[A-Za-z0-9-]+)(?:_\d+)?\.log$")
+_UNSAFE_ID = re.compile(r"[^A-Za-z0-9-]")
+_SUMMARY_RE = re.compile(
+    r"^Final Status: (?P<status>\S+)\s+Attempts: (?P<attempts>\d+)"
+    r"(?:\s+Duration: (?P<duration>[0-9.]+) s)?",
+    re.M,
+)
+_ID_RE = re.compile(r"^Request ID: (?P<id>.*)$", re.M)
+SUMMARY_READ_BYTES = 4096
+SECONDS_PER_DAY = 86400.0
+
+Headers = Mapping[str, str] | Iterable[tuple[str, str]]
+
+
+@dataclass
+class AttemptRecord:
+    """One try against the upstream, and what the resilience layer decided about it."""
+
+    number: int
+    status: int | None = None
+    duration: float | None = None
+    action: str = ""
+    reason: str = ""
+    delay_before_next: float | None = None
+    error: str = ""
+    recategorization: str = ""
+
+
+@dataclass
+class RequestRecord:
+    """Everything about one request, filled in by the server as it happens.
+
+    Once passed to :meth:`RequestLog.write` the record belongs to the log
+    writer thread and must not be changed.
+    """
+
+    request_id: str
+    endpoint: str
+    method: str = "POST"
+    started_wall: float = field(default_factory=time.time)
+    started_mono: float = field(default_factory=time.monotonic)
+    client: str | None = None
+    headers: Headers = field(default_factory=dict)
+    body: bytes = b""
+    original_body: bytes | None = None
+    model: str | None = None
+    stream: bool = False
+    attempts: list[AttemptRecord] = field(default_factory=list)
+    final_status: int | None = None
+    response_headers: Headers | None = None
+    response_body: bytes | None = None
+    stream_text: dict[int, list[str]] = field(default_factory=dict)
+    finish_reasons: dict[int, str | None] = field(default_factory=dict)
+    stream_events: int = 0
+    first_content: float | None = None
+    error: str = ""
+    ended_wall: float | None = None
+    ended_mono: float | None = None
+    secrets: list[str] = field(default_factory=list)
+
+    def add_attempt(self, **fields: Any) -> AttemptRecord:
+        """Append the next attempt (numbered from 1) and return it for filling in."""
+        attempt = AttemptRecord(number=len(self.attempts) + 1, **fields)
+        self.attempts.append(attempt)
+        return attempt
+
+    def add_stream_text(self, index: int, text: str) -> None:
+        """Add a streamed content delta for choice ``index``; first content is timed."""
+        if text and self.first_content is None:
+            self.first_content = time.monotonic() - self.started_mono
+        self.stream_text.setdefault(index, []).append(text)
+
+    def finish(self, status: int | None) -> None:
+        """Record the final status and the end time."""
+        self.final_status = status
+        self.ended_wall = time.time()
+        self.ended_mono = time.monotonic()
+
+    @property
+    def duration(self) -> float | None:
+        if self.ended_mono is None:
+            return None
+        return self.ended_mono - self.started_mono
+
+
+@dataclass(frozen=True)
+class RequestEntry:
+    """A request log as listed by ``GET /logs/requests``."""
+
+    request_id: str
+    file: str
+    time: str
+    status: int | None
+    attempts: int | None
+    duration: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.request_id,
+            "time": self.time,
+            "status": self.status,
+            "attempts": self.attempts,
+            "duration": self.duration,
+            "file": self.file,
+        }
+
+
+def log_file_name(record: RequestRecord) -> str:
+    """``YYYYMMDD_HHMMSS_mmm_<request id>.log`` from the request's start (local time)."""
+    start = datetime.fromtimestamp(record.started_wall)
+    safe_id = _UNSAFE_ID.sub("-", record.request_id)[:80] or "request"
+    return f"{start:%Y%m%d_%H%M%S}_{start.microsecond // 1000:03d}_{safe_id}.log"
+
+
+def format_request_log(
+    record: RequestRecord, cfg: Logging, redactor: Redactor | None = None
+) -> str:
+    """The request log text, every header, body and error redacted."""
+    redactor = (redactor or Redactor()).with_secrets(
+        [*header_secrets(record.headers), *record.secrets]
+    )
+    started = datetime.fromtimestamp(record.started_wall).isoformat()
+    ended_wall = record.ended_wall if record.ended_wall is not None else time.time()
+    duration = record.duration
+    lines: list[str] = [
+        BANNER,
+        f"UNIFIED REQUEST LOG - {started}",
+        BANNER,
+        f"Request ID: {redactor.text(record.request_id)}",
+        f"Endpoint: {redactor.url(record.endpoint)}",
+        f"Method: {record.method}",
+    ]
+    if record.client:
+        lines.append(f"Client: {record.client}")
+    if record.model is not None:
+        lines.append(f"Model: {redactor.text(record.model)}")
+    lines += [
+        f"Stream: {'true' if record.stream else 'false'}",
+        f"Timestamp: {started}",
+        f"Start Time: {record.started_wall:.6f}",
+        _summary_line(record),
+    ]
+    if cfg.include_headers:
+        lines += _section("REQUEST HEADERS:", _header_lines(record.headers, redactor))
+    if cfg.include_request_data:
+        lines += _section("REQUEST DATA:", [_body_text(record.body, redactor)])
+        if record.original_body is not None and record.original_body != record.body:
+            lines += _section(
+                "ORIGINAL REQUEST DATA (before rewrite rules):",
+                [_body_text(record.original_body, redactor)],
+            )
+    for attempt in record.attempts:
+        lines += _section(f"UPSTREAM ATTEMPT #{attempt.number}:", _attempt_lines(attempt, redactor))
+    if record.error:
+        lines += _section("ERROR:", [redactor.text(record.error)])
+    if cfg.include_headers and record.response_headers is not None:
+        lines += _section("RESPONSE HEADERS:", _header_lines(record.response_headers, redactor))
+    if cfg.include_response_data:
+        lines += _section("FINAL RESPONSE DATA:", _response_lines(record, redactor))
+    if cfg.include_timing:
+        timing = [f"End Time: {ended_wall:.6f}"]
+        if duration is not None:
+            timing.append(f"Total Duration: {duration:.3f} seconds")
+        if record.first_content is not None:
+            timing.append(f"Time To First Content: {record.first_content:.3f} seconds")
+        lines += _section("TIMING INFORMATION:", timing)
+    lines += [
+        "",
+        BANNER,
+        f"LOG COMPLETE - {datetime.fromtimestamp(ended_wall).isoformat()}",
+        BANNER,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _summary_line(record: RequestRecord) -> str:
+    status = record.final_status if record.final_status is not None else "none"
+    line = f"Final Status: {status}  Attempts: {len(record.attempts)}"
+    if record.duration is not None:
+        line += f"  Duration: {record.duration:.3f} s"
+    return line
+
+
+def _section(title: str, body: list[str]) -> list[str]:
+    return ["", RULE, title, RULE, *body]
+
+
+def _header_lines(headers: Headers, redactor: Redactor) -> list[str]:
+    return [f"{name}: {value}" for name, value in redactor.headers(headers).items()]
+
+
+def _body_text(body: bytes, redactor: Redactor) -> str:
+    if not body:
+        return "(empty)"
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return redactor.text(body.decode("utf-8", errors="replace"))
+    return orjson.dumps(redactor.obj(parsed), option=orjson.OPT_INDENT_2).decode("utf-8")
+
+
+def _attempt_lines(attempt: AttemptRecord, redactor: Redactor) -> list[str]:
+    status = attempt.status if attempt.status is not None else "no response"
+    lines = [f"Status: {status}"]
+    if attempt.duration is not None:
+        lines.append(f"Duration: {attempt.duration:.3f} seconds")
+    if attempt.action:
+        reason = f" ({redactor.text(attempt.reason)})" if attempt.reason else ""
+        lines.append(f"Decision: {attempt.action}{reason}")
+    if attempt.recategorization:
+        lines.append(f"Recategorized: {redactor.text(attempt.recategorization)}")
+    if attempt.error:
+        lines.append(f"Error: {redactor.text(attempt.error)}")
+    if attempt.delay_before_next is not None:
+        lines.append(f"Delay Before Next Attempt: {attempt.delay_before_next:.2f} seconds")
+    return lines
+
+
+def _response_lines(record: RequestRecord, redactor: Redactor) -> list[str]:
+    if not record.stream:
+        if record.response_body is None:
+            return ["(no response)"]
+        return [_body_text(record.response_body, redactor)]
+    lines = [f"Stream Events: {record.stream_events}"]
+    if record.first_content is not None:
+        lines.append(f"Time To First Content: {record.first_content:.3f} seconds")
+    for index in sorted(set(record.stream_text) | set(record.finish_reasons)):
+        reason = record.finish_reasons.get(index)
+        lines += [
+            "",
+            f"Choice {index} (finish reason: {reason if reason is not None else 'none'}):",
+            redactor.text("".join(record.stream_text.get(index, []))),
+        ]
+    if record.response_body is not None:
+        lines += ["", "Raw Response:", _body_text(record.response_body, redactor)]
+    return lines
+
+
+class RequestLog:
+    """Writes request logs, prunes old ones, and indexes recent ones for the HTTP views."""
+
+    def __init__(self, cfg: Logging, writer: LogWriter, redactor: Redactor | None = None) -> None:
+        self.cfg = cfg
+        self.folder = Path(cfg.folder)
+        self._writer = writer
+        self._redactor = redactor or Redactor()
+        self._lock = threading.Lock()
+        # Both only changed on the writer thread; read under the lock.
+        self._files: deque[tuple[float, Path]] = deque()
+        self._index: OrderedDict[str, RequestEntry] = OrderedDict()
+        self.pruned = 0
+        if cfg.enabled:
+            writer.submit_call(self.scan)
+
+    @property
+    def enabled(self) -> bool:
+        return self.cfg.enabled
+
+    def write(self, record: RequestRecord) -> None:
+        """Queue formatting and writing of ``record``; returns at once."""
+        if not self.cfg.enabled:
+            return
+        path = self.folder / log_file_name(record)
+        self._writer.submit_call(lambda: self._write(record, path))
+
+    def entries(self, limit: int) -> list[RequestEntry]:
+        """Newest first."""
+        with self._lock:
+            items = list(self._index.values())
+        items.reverse()
+        return items[:limit]
+
+    def path_for(self, request_id: str) -> Path | None:
+        with self._lock:
+            entry = self._index.get(request_id)
+        return self.folder / entry.file if entry else None
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            files = len(self._files)
+        return {"enabled": self.cfg.enabled, "files": files, "pruned": self.pruned}
+
+    def scan(self) -> None:
+        """Seed the index from the folder and prune by age and count (writer thread)."""
+        if not self.folder.is_dir():
+            return
+        found: list[tuple[str, float, Path]] = []
+        for path in self.folder.iterdir():
+            if not FILE_RE.match(path.name):
+                continue
+            try:
+                stat = path.lstat()
+            except OSError:
+                continue
+            if path.is_file() and not path.is_symlink():
+                found.append((path.name, stat.st_mtime, path))
+        found.sort()
+        with self._lock:
+            self._files = deque((mtime, path) for _, mtime, path in found)
+        self._prune()
+        with self._lock:
+            paths = [path for _, path in self._files][-self.cfg.max_files :]
+        for path in paths:
+            entry = _entry_from_file(path)
+            if entry is not None:
+                with self._lock:
+                    self._index[entry.request_id] = entry
+
+    def _write(self, record: RequestRecord, path: Path) -> None:
+        text = format_request_log(record, self.cfg, self._redactor)
+        written = self._writer.write_file(path, text)
+        entry = RequestEntry(
+            request_id=record.request_id,
+            file=written.name,
+            time=datetime.fromtimestamp(record.started_wall).isoformat(),
+            status=record.final_status,
+            attempts=len(record.attempts),
+            duration=None if record.duration is None else round(record.duration, 3),
+        )
+        with self._lock:
+            self._files.append((time.time(), written))
+            self._index.pop(entry.request_id, None)
+            self._index[entry.request_id] = entry
+        self._prune()
+
+    def _prune(self) -> None:
+        cutoff = time.time() - self.cfg.max_age_days * SECONDS_PER_DAY
+        doomed: list[Path] = []
+        with self._lock:
+            while self._files and (
+                len(self._files) > self.cfg.max_files or self._files[0][0] < cutoff
+            ):
+                doomed.append(self._files.popleft()[1])
+            names = {path.name for path in doomed}
+            for request_id in [k for k, e in self._index.items() if e.file in names]:
+                del self._index[request_id]
+        for path in doomed:
+            try:
+                path.unlink(missing_ok=True)
+                self.pruned += 1
+            except OSError:
+                continue
+
+
+def _entry_from_file(path: Path) -> RequestEntry | None:
+    match = FILE_RE.match(path.name)
+    if match is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SUMMARY_READ_BYTES).decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    id_match = _ID_RE.search(head)
+    request_id = id_match.group("id").strip() if id_match else match.group("id")
+    summary = _SUMMARY_RE.search(head)
+    status: int | None = None
+    attempts: int | None = None
+    duration: float | None = None
+    if summary:
+        status = int(summary["status"]) if summary["status"].isdigit() else None
+        attempts = int(summary["attempts"])
+        duration = float(summary["duration"]) if summary["duration"] else None
+    started = datetime.strptime(match.group("ts")[:15], "%Y%m%d_%H%M%S").replace(
+        microsecond=int(match.group("ts")[16:]) * 1000
+    )
+    return RequestEntry(request_id, path.name, started.isoformat(), status, attempts, duration)

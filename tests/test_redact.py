@@ -1,0 +1,183 @@
+"""Secrets never reach a log file: masking of headers, URLs, text and JSON."""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import string
+import time
+
+import pytest
+
+from first_hop_proxy.redact import (
+    Redactor,
+    header_secrets,
+    mask,
+    redact_headers,
+    redact_obj,
+    redact_text,
+    redact_url,
+)
+
+
+def random_key(prefix: str = "sk-test-", length: int = 40) -> str:
+    alphabet = string.ascii_letters + string.digits
+    return prefix + "".join(secrets.choice(alphabet) for _ in range(length))
+
+
+def assert_no_leak(text: str, secret: str) -> None:
+    assert secret not in text
+    for i in range(len(secret) - 11):
+        assert secret[i : i + 12] not in text, f"12-char piece {secret[i : i + 12]!r} leaked"
+
+
+def visible(masked: str) -> int:
+    return len(masked.replace("…", "").replace("*", ""))
+
+
+class TestMask:
+    def test_openai_key_keeps_prefix_and_last_four(self) -> None:
+        key = random_key()
+        assert mask(key) == f"sk-…{key[-4:]}"
+
+    def test_google_key(self) -> None:
+        key = "AIza" + "B" * 31 + "wxyz"
+        assert mask(key).startswith("AIza…")
+        assert visible(mask(key)) <= 7
+
+    def test_short_secret_is_stars(self) -> None:
+        assert mask("hunter2") == "***"
+        assert mask("a" * 11) == "***"
+
+    @pytest.mark.parametrize("length", [12, 15, 19, 20, 32, 200])
+    def test_never_more_than_seven_visible(self, length: int) -> None:
+        secret = random_key("", length)
+        masked = mask(secret)
+        assert visible(masked) <= 7
+        assert_no_leak(masked, secret)
+
+
+class TestHeaders:
+    def test_scheme_word_kept(self) -> None:
+        key = random_key()
+        out = redact_headers({"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        assert out == {
+            "Authorization": f"Bearer sk-…{key[-4:]}",
+            "Content-Type": "application/json",
+        }
+
+    @pytest.mark.parametrize(
+        "name",
+        ["Proxy-Authorization", "X-Api-Key", "Api-Key", "x-goog-api-key", "Cookie", "Set-Cookie"],
+    )
+    def test_secret_headers_masked(self, name: str) -> None:
+        value = "session=" + random_key("", 30)
+        out = redact_headers([(name, value)])
+        assert_no_leak(out[name], value[8:])
+
+    def test_case_insensitive_names(self) -> None:
+        key = random_key()
+        assert_no_leak(str(redact_headers({"authorization": key})), key)
+
+    def test_key_shaped_value_in_other_header_masked(self) -> None:
+        key = random_key()
+        assert_no_leak(str(redact_headers({"X-Debug": f"used {key}"})), key)
+
+    def test_header_secrets_strips_scheme(self) -> None:
+        assert header_secrets({"Authorization": "Bearer abc.def.ghi", "Accept": "x"}) == [
+            "abc.def.ghi"
+        ]
+
+
+class TestUrl:
+    @pytest.mark.parametrize("param", ["key", "api_key", "apikey", "access_token"])
+    def test_query_values_masked(self, param: str) -> None:
+        secret = random_key("", 30)
+        url = f"https://host.example/v1/models?alt=sse&{param}={secret}&x=1"
+        out = redact_url(url)
+        assert_no_leak(out, secret)
+        assert out.startswith("https://host.example/v1/models?alt=sse&")
+        assert out.endswith("&x=1")
+
+    def test_userinfo_password_masked(self) -> None:
+        out = redact_url("https://alice:s3cr3t-passw0rd@host.example/v1")
+        assert out == "https://alice:***@host.example/v1"
+
+    def test_plain_url_unchanged(self) -> None:
+        url = "https://host.example/v1/chat/completions?stream=true"
+        assert redact_url(url) == url
+
+
+class TestText:
+    def test_key_shapes(self) -> None:
+        sk, aiza, tok = random_key(), random_key("AIza", 35), random_key("", 24)
+        text = f"sk={sk} google={aiza} header: bearer {tok}"
+        out = redact_text(text)
+        for secret in (sk, aiza, tok):
+            assert_no_leak(out, secret)
+        assert "bearer " in out
+
+    def test_json_fields(self) -> None:
+        secret = "not-key-shaped-but-secret-123"
+        out = redact_text(f'{{"api_key": "{secret}", "password":"{secret}", "model": "x"}}')
+        assert_no_leak(out, secret)
+        assert '"model": "x"' in out
+
+    def test_prose_untouched(self) -> None:
+        text = "They asked for a key. The token count was 12. Email me at a@b.c"
+        assert redact_text(text) == text
+
+    def test_idempotent(self) -> None:
+        once = redact_text(f"Bearer {random_key()}")
+        assert redact_text(once) == once
+
+    def test_large_text_is_fast(self) -> None:
+        text = base64.b64encode(os.urandom(3_000_000)).decode() + " key token Bearer sk-"
+        start = time.perf_counter()
+        redact_text(text)
+        assert time.perf_counter() - start < 3
+
+
+class TestObj:
+    def test_nested(self) -> None:
+        key = random_key()
+        obj = {
+            "api_key": "short-key",
+            "messages": [{"role": "user", "content": f"my key is {key}"}],
+            "max_tokens": 100,
+            "nested": {"Authorization": f"Bearer {key}", "n": [1, 2.5, None, True]},
+        }
+        out = redact_obj(obj)
+        assert_no_leak(str(out), key)
+        assert out["api_key"] == "***"
+        assert out["max_tokens"] == 100
+        assert out["nested"]["n"] == [1, 2.5, None, True]
+        assert obj["messages"][0]["content"].endswith(key)  # input untouched
+
+    def test_inline_image_kept(self) -> None:
+        image = "data:image/png;base64," + base64.b64encode(os.urandom(30_000)).decode()
+        assert redact_obj({"url": image}) == {"url": image}
+
+
+class TestKnownSecrets:
+    def test_exact_secret_masked_anywhere(self) -> None:
+        secret = "correct horse battery staple"
+        redactor = Redactor([secret])
+        for out in (
+            redactor.text(f"upstream said: {secret}!"),
+            str(redactor.obj({"note": [f"x{secret}x"]})),
+            str(redactor.headers({"X-Note": secret})),
+            redactor.url(f"https://h/?q={secret}"),
+        ):
+            assert_no_leak(out, secret)
+
+    def test_with_secrets_adds(self) -> None:
+        base = Redactor(["first-secret-value"])
+        both = base.with_secrets(["second-secret-value"])
+        out = both.text("first-secret-value second-secret-value")
+        assert "first-secret" not in out and "second-secret" not in out
+        assert base.with_secrets([]) is base
+
+    def test_tiny_known_secret_ignored(self) -> None:
+        assert Redactor(["abc"]).text("abc abc") == "abc abc"
