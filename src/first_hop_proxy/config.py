@@ -9,6 +9,7 @@ line per problem, each naming the key path and what to do about it.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -19,6 +20,8 @@ from typing import Annotated, Any
 import regex
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .headers import EMPTY_BEARERS
 
 StatusCode = Annotated[int, Field(ge=100, le=599)]
 NonNegative = Annotated[float, Field(ge=0)]
@@ -51,9 +54,7 @@ class Section(BaseModel):
 def check_flags(value: str) -> str:
     bad = sorted({c for c in value if c not in FLAG_LETTERS})
     if bad:
-        raise ValueError(
-            f"unknown flag letter(s) {', '.join(map(repr, bad))}; use only i, m, s, x"
-        )
+        raise ValueError(f"unknown flag letter(s) {', '.join(map(repr, bad))}; use only i, m, s, x")
     return value
 
 
@@ -343,11 +344,14 @@ def _expand_env(value: Any, env: Mapping[str, str], path: str, problems: list[st
     if isinstance(value, str) and "${" in value:
 
         def sub(match: re.Match[str]) -> str:
+            # Shell semantics: ${VAR:-default} also replaces an empty VAR; ${VAR}
+            # only needs VAR to be set.
             name, default = match.group(1), match.group(2)
-            if name in env and env[name] != "":
-                return env[name]
+            value = env.get(name)
             if default is not None:
-                return default
+                return value or default
+            if value is not None:
+                return value
             problems.append(
                 f"{path or '<root>'}: environment variable {name} is not set "
                 f"(set it, or write ${{{name}:-fallback}} for a default)"
@@ -460,7 +464,24 @@ def _resolve_folders(config: Config, base_dir: Path) -> Config:
 SECRET_HEADERS = frozenset(
     {"authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key", "cookie"}
 )
+SECRET_WORDS = ("key", "token", "secret", "auth", "cookie", "password")
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def is_local_host(host: str) -> bool:
+    """An address only this machine can reach."""
+    if host in LOCAL_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def is_secret_header(name: str) -> bool:
+    """A header that carries a credential (``Authorization``, ``X-Api-Key``, ...)."""
+    lower = name.lower()
+    return lower in SECRET_HEADERS or any(word in lower for word in SECRET_WORDS)
 
 
 def _semantic_warnings(config: Config) -> list[str]:
@@ -485,8 +506,9 @@ def _semantic_warnings(config: Config) -> list[str]:
             f"error_handling.{loser}: {listed} also in {winner}; {winner} wins "
             "(precedence: fail_codes, then retry_codes, then conditional_retry_codes)"
         )
-    if config.server.host not in LOCAL_HOSTS and any(
-        h.lower() in SECRET_HEADERS for h in config.target_proxy.headers
+    if not is_local_host(config.server.host) and any(
+        is_secret_header(h) and v.strip().lower() not in {"", *EMPTY_BEARERS}
+        for h, v in config.target_proxy.headers.items()
     ):
         warnings.append(
             f"server.host: listening on {config.server.host} exposes the key in "
@@ -510,4 +532,3 @@ def _semantic_warnings(config: Config) -> list[str]:
             f"({eh.max_delay}); every retry waits max_delay"
         )
     return warnings
-

@@ -38,7 +38,8 @@ def upstream_headers(
     """The client's headers minus hop-by-hop ones; configured headers added and winning.
 
     ``Authorization: Bearer undefined`` (and ``null``, or nothing after ``Bearer``)
-    is what SillyTavern sends when no key is stored: it counts as absent.
+    is what SillyTavern sends when no key is stored: it counts as absent. A
+    configured header whose value is empty (an unset variable) counts as absent too.
     """
     drop = HOP_BY_HOP | _connection_named(client)
     out: CIMultiDict[str] = CIMultiDict()
@@ -50,8 +51,16 @@ def upstream_headers(
             continue
         out.add(name, value)
     for name, value in configured.items():
+        if is_empty_value(value):  # e.g. "Bearer ${KEY:-}" with KEY unset
+            continue
         out[name] = value
     return out
+
+
+def is_empty_value(value: str) -> bool:
+    """A header value that carries nothing: empty, or a bearer without a token."""
+    stripped = value.strip()
+    return not stripped or stripped.lower() in EMPTY_BEARERS
 
 
 def client_headers(upstream: Iterable[tuple[str, str]]) -> CIMultiDict[str]:

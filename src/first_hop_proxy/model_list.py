@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .headers import is_empty_value
 from .state import STATE
 from .upstream import TRANSPORT_ERRORS
 
@@ -44,14 +45,11 @@ async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
     cache: dict[str, bytes] = request.app[CACHE]
     url = models_url(state.target_url)
-    headers = {
-        k: v
-        for k, v in state.config.target_proxy.headers.items()
-    }
+    # The configured headers (keys) and the client's own key when none is configured.
+    headers = {k: v for k, v in state.config.target_proxy.headers.items() if not is_empty_value(v)}
     auth = request.headers.get("Authorization", "")
-    if auth and "authorization" not in {k.lower() for k in headers}:
-        if auth.strip().lower() not in {"bearer", "bearer undefined", "bearer null"}:
-            headers["Authorization"] = auth
+    if not is_empty_value(auth) and "authorization" not in {k.lower() for k in headers}:
+        headers["Authorization"] = auth
     try:
         async with state.session.get(url, headers=headers) as resp:
             body = await resp.read()
