@@ -7,6 +7,7 @@ import os
 import secrets
 import string
 import time
+from typing import Any
 
 import pytest
 
@@ -142,7 +143,7 @@ class TestText:
 class TestObj:
     def test_nested(self) -> None:
         key = random_key()
-        obj = {
+        obj: dict[str, Any] = {
             "api_key": "short-key",
             "messages": [{"role": "user", "content": f"my key is {key}"}],
             "max_tokens": 100,

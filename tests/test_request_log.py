@@ -49,7 +49,7 @@ async def writer() -> AsyncIterator[LogWriter]:
 
 
 def cfg(tmp_path: Path, **kw: object) -> Logging:
-    return Logging(folder=str(tmp_path / "logs"), **kw)  # type: ignore[arg-type]
+    return Logging(folder=str(tmp_path / "logs"), **kw)
 
 
 def full_record(key: str = "sk-test-0123456789abcdefghij") -> RequestRecord:

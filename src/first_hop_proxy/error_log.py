@@ -32,6 +32,7 @@ BYTES_PER_MB = 1024 * 1024
 FILE_RE = re.compile(r"^(?P<code>[A-Za-z0-9_-]+?)_(?P<ts>\d{8}_\d{6}_\d{3})(?:_(?P<n>\d+))?\.log$")
 _UNSAFE_CODE = re.compile(r"[^A-Za-z0-9-]+")
 _SHRINK_TRIES = 4
+_MARKER_ROOM = 64
 
 Headers = Mapping[str, str] | Iterable[tuple[str, str]]
 
@@ -118,7 +119,9 @@ def format_error_log(
         if excess <= 0 or not response_text:
             break
         raw = response_text.encode("utf-8")
-        keep = max(0, len(raw) - excess - 2 * 64 - excess // 2)
+        # JSON escaping makes each raw byte cost ``ratio`` bytes in the file.
+        ratio = max(1.0, len(orjson.dumps(response_text)) / max(1, len(raw)))
+        keep = max(0, len(raw) - int((excess + _MARKER_ROOM) / ratio) - 1)
         response_text = raw[:keep].decode("utf-8", errors="ignore")
         response_text += f"[... truncated {original - keep} bytes ...]"
         text = _render(event, cfg, file_name, redactor, response_text)
@@ -166,13 +169,15 @@ def _render(
         "status_text": event.status_text or _status_text(event.status_code),
         "url": event.url,
         "headers": redactor.headers(event.headers) if event.headers is not None else None,
-        "response_text": response_text,
+        "response_text": None,  # already redacted; filled in below
         "context": event.context,
         "retry_attempt": event.retry_attempt,
         "retry_delay": event.retry_delay,
         "request_id": event.request_id,
     }
-    lines += ["", "ERROR DETAILS:", RULE, _json(redactor.obj(details))]
+    redacted = redactor.obj(details)
+    redacted["response_text"] = response_text
+    lines += ["", "ERROR DETAILS:", RULE, _json(redacted)]
     if cfg.include_stack_traces:
         stack = _stack_text(event)
         if stack:
@@ -268,22 +273,27 @@ class ErrorLog:
         return self.cfg.enabled
 
     def log(self, event: ErrorEvent) -> None:
-        """Count ``event`` and queue its file; returns at once and never raises."""
-        self.total += 1
-        self.by_code[str(event.error_code)] += 1
-        self.by_type[event.error_type] += 1
+        """Count ``event`` and queue its file; returns at once and never raises.
+
+        Safe to call from any thread (the writer reports its own failures here).
+        """
+        with self._lock:
+            self.total += 1
+            self.by_code[str(event.error_code)] += 1
+            self.by_type[event.error_type] += 1
         if self.cfg.enabled:
             self._writer.submit_call(lambda: self._write(event))
 
     def status(self) -> dict[str, Any]:
         """Counters for ``/health/detailed`` and ``/logs/errors``."""
-        return {
-            "enabled": self.cfg.enabled,
-            "total": self.total,
-            "by_code": dict(self.by_code),
-            "by_type": dict(self.by_type),
-            "removed": self.removed,
-        }
+        with self._lock:
+            return {
+                "enabled": self.cfg.enabled,
+                "total": self.total,
+                "by_code": dict(self.by_code),
+                "by_type": dict(self.by_type),
+                "removed": self.removed,
+            }
 
     def scan(self) -> None:
         """Learn the files already on disk and rotate down to ``max_files`` (writer thread)."""

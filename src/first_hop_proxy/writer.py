@@ -61,12 +61,20 @@ class LogWriter:
     and reported (at most one warning per ``warn_interval`` seconds) instead.
     """
 
-    def __init__(self, *, warn_interval: float = WARN_INTERVAL_SECONDS) -> None:
+    def __init__(
+        self,
+        *,
+        warn_interval: float = WARN_INTERVAL_SECONDS,
+        on_failure: Callable[[str], None] | None = None,
+    ) -> None:
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
         self._warn_interval = warn_interval
+        # Called with the redacted message, at most once per warn_interval, on the
+        # worker thread: lets the server record a ``log_write_error`` event.
+        self.on_failure = on_failure
         self._last_warning = -float("inf")
         self.submitted = 0
         self.completed = 0
@@ -158,7 +166,8 @@ class LogWriter:
         }
 
     def _put(self, fn: Job, *, count: bool) -> None:
-        if self._closed:
+        # Jobs queued by jobs (e.g. on_failure) are still run while closing.
+        if self._closed and threading.current_thread() is not self._thread:
             self.failures += 1
             self.last_error = "log writer is closed"
             return
@@ -177,10 +186,18 @@ class LogWriter:
                 self._thread = thread
 
     def _work(self) -> None:
+        closing = False
         while True:
-            job = self._queue.get()
+            if closing:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    return
+            else:
+                job = self._queue.get()
             if job is None:
-                return
+                closing = True
+                continue
             if isinstance(job, _Uncounted):
                 self.run(job.fn)
             elif self.run(job):
@@ -198,6 +215,9 @@ class LogWriter:
                 extra = f" ({self.suppressed_warnings} similar warnings suppressed)"
                 self.suppressed_warnings = 0
             logger.warning("log write failed: %s%s", message, extra)
+            if self.on_failure is not None:
+                with contextlib.suppress(Exception):
+                    self.on_failure(message)
         else:
             self.suppressed_warnings += 1
 
