@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from datetime import timezone
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 
 #: Jitter spreads retries of many requests apart: +/- this share of the delay.
@@ -58,7 +58,7 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     return max(when.timestamp() - now, 0.0)
 
 
