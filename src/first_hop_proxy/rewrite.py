@@ -1,0 +1,731 @@
+"""Rewrite rules: outgoing message text and reply text, streamed replies included.
+
+Rules come from ``regex_replacement`` (outgoing, per role) and
+``response_processing`` (replies). They compile once into a :class:`Rewriter`;
+a request costs no compilation. Semantics are those of Python's ``re.sub``
+applied rule after rule; the ``regex`` package (in ``V0``, re-compatible mode)
+does the matching because it can stop a runaway pattern: each rule gets
+``timeout_ms`` per text, and a rule that runs out is skipped for that text and
+reported as a :class:`RuleTimeout`, so a bad rule never freezes the proxy.
+
+Request path (the server parses the body once)::
+
+    rewriter = Rewriter.from_config(config)          # at startup
+    if rewriter.has_request_rules:
+        result = await rewriter.rewrite_messages_async(payload)   # mutates payload
+        body = orjson.dumps(payload) if result.changed else raw_body
+        # write result.timeouts to the error log
+
+or, from the raw bytes, ``await rewriter.rewrite_request_async(raw_body)``:
+``result.body is raw_body`` when nothing changed. Both ``*_async`` methods run
+the rules in a worker thread so a slow rule cannot stall the event loop, and
+return at once, with no thread hop, when there are no rules.
+
+Stream path (one :class:`StreamRewriter` per response)::
+
+    stream = rewriter.stream()
+    for chunk in parsed_chunks:
+        for out in stream.feed(chunk):
+            send(b"data: " + orjson.dumps(out) + b"\\n\\n")
+    for out in stream.flush():
+        send(...)
+    send(b"data: [DONE]\\n\\n")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import string
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import regex  # type: ignore[import-untyped, unused-ignore]
+
+from .config import Config, MessageRule, RewriteRule
+
+REQUEST_SECTION = "regex_replacement"
+RESPONSE_SECTION = "response_processing"
+
+_FLAGS = {"i": regex.IGNORECASE, "m": regex.MULTILINE, "s": regex.DOTALL, "x": regex.VERBOSE}
+_META = frozenset(".^$*+?{}[]()|\\")
+_CONTROL_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v", "a": "\a"}
+_HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
+# Anything that lets a match depend on what surrounds it. A pattern without these
+# matches a message inside a longer text exactly where it matches the message alone.
+_CONTEXT_SENSITIVE = ("^", "$", "(?", "\\A", "\\Z", "\\z", "\\b", "\\B", "\\G", "\\K", "\\m", "\\M")
+
+
+@dataclass(frozen=True, slots=True)
+class RuleTimeout:
+    """A rule ran out of time on one text and was skipped for it."""
+
+    section: str
+    index: int
+    description: str
+    role: str | None
+
+    def __str__(self) -> str:
+        where = f" on a {self.role} message" if self.role else ""
+        about = f" ({self.description})" if self.description else ""
+        return f"{self.section}.rules[{self.index}]{about} timed out{where}; skipped"
+
+
+@dataclass(slots=True)
+class Rewrite:
+    """What one pass of the rules did.
+
+    ``counts[i]`` is the number of replacements rule ``i`` made; ``changed`` is
+    true only when some text actually differs (a rule may replace a match with
+    itself).
+    """
+
+    counts: list[int]
+    timeouts: list[RuleTimeout] = field(default_factory=list)
+    changed: bool = False
+
+    @property
+    def replacements(self) -> int:
+        return sum(self.counts)
+
+
+@dataclass(slots=True)
+class BodyRewrite(Rewrite):
+    """A rewritten JSON body: the original bytes object when nothing changed."""
+
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    index: int
+    description: str
+    pattern: regex.Pattern[str]
+    template: str
+    # Set when the pattern matches exactly this text and nothing else: the rule
+    # then runs as str.replace, which is linear and needs no time limit.
+    literal: str | None
+    literal_out: str
+    # No anchors or lookarounds: "no match in the joined texts" proves "no match in any".
+    joinable: bool
+
+
+def _compile_flags(flags: str) -> int:
+    value = regex.V0
+    for letter in flags:
+        value |= _FLAGS[letter]
+    return int(value)
+
+
+def _literal_of(pattern: str, flags: str) -> str | None:
+    """The one text ``pattern`` matches when it is a plain literal, else None."""
+    if "i" in flags or "x" in flags:
+        return None
+    out: list[str] = []
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch != "\\":
+            if ch in _META:
+                return None
+            out.append(ch)
+            i += 1
+            continue
+        nxt = pattern[i + 1 : i + 2]
+        if nxt in _CONTROL_ESCAPES:
+            out.append(_CONTROL_ESCAPES[nxt])
+            i += 2
+        elif nxt in _HEX_ESCAPES:
+            digits = pattern[i + 2 : i + 2 + _HEX_ESCAPES[nxt]]
+            if len(digits) != _HEX_ESCAPES[nxt] or not all(c in string.hexdigits for c in digits):
+                return None
+            code = int(digits, 16)
+            if code > 0x10FFFF:
+                return None
+            out.append(chr(code))
+            i += 2 + len(digits)
+        elif nxt and nxt.isascii() and not nxt.isalnum():
+            out.append(nxt)
+            i += 2
+        else:
+            return None
+    return "".join(out) or None
+
+
+def template_problem(pattern: str, flags: str, replacement: str) -> str | None:
+    """Why ``replacement`` cannot be used with ``pattern`` (e.g. ``\\2`` with one group).
+
+    ``re`` only notices a bad template at the first match, in the middle of a
+    request; this finds it at load time. The pattern plus an empty alternative
+    always matches and has the same groups, so expanding the template on that
+    match checks every group reference and escape.
+    """
+    try:
+        probe = regex.compile(pattern + "\n|", _compile_flags(flags)).match("")
+        if probe is not None:  # always, by construction
+            probe.expand(replacement)
+    except (regex.error, IndexError) as exc:
+        return f"invalid replacement {replacement!r}: {exc}"
+    return None
+
+
+def _compile_rule(index: int, rule: RewriteRule) -> _Rule:
+    problem = template_problem(rule.pattern, rule.flags, rule.replacement)
+    if problem:
+        raise ValueError(problem)
+    pattern = regex.compile(rule.pattern, _compile_flags(rule.flags))
+    literal = _literal_of(rule.pattern, rule.flags)
+    if literal is not None and pattern.fullmatch(literal) is None:
+        literal = None  # the parser above is conservative; this keeps it honest
+    literal_out = pattern.sub(rule.replacement, literal) if literal is not None else ""
+    joinable = not any(token in rule.pattern for token in _CONTEXT_SENSITIVE)
+    return _Rule(index, rule.description, pattern, rule.replacement, literal, literal_out, joinable)
+
+
+def _compile_rules(section: str, rules: Sequence[RewriteRule]) -> tuple[_Rule, ...]:
+    compiled: list[_Rule] = []
+    problems: list[str] = []
+    for i, rule in enumerate(rules):
+        try:
+            compiled.append(_compile_rule(i, rule))
+        except ValueError as exc:
+            problems.append(f"{section}.rules[{i}].replacement: {exc}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return tuple(compiled)
+
+
+def _separator(rules: Iterable[_Rule]) -> str:
+    """A character no literal rule can match or produce, to join texts with."""
+    used = "".join(f"{r.literal}{r.literal_out}" for r in rules if r.literal is not None)
+    for code in range(1, 32):
+        if chr(code) not in used and chr(code) not in "\t\n\r":
+            return chr(code)
+    return "\uffff"
+
+
+class _Engine:
+    """One section's compiled rules and how to run them over a batch of texts."""
+
+    __slots__ = ("rules", "section", "separator", "timeout")
+
+    def __init__(self, section: str, rules: tuple[_Rule, ...], timeout_ms: float) -> None:
+        self.section = section
+        self.rules = rules
+        self.timeout = timeout_ms / 1000
+        self.separator = _separator(rules)
+
+    def run(
+        self, texts: list[str], rules: tuple[_Rule, ...], report: Rewrite, role: str | None
+    ) -> list[str]:
+        """Apply ``rules`` in order to every text; counts and timeouts go to ``report``.
+
+        Literal rules run once over all texts joined by a separator character
+        they cannot touch, which is what keeps a long chat with many rules cheap.
+        """
+        counts = report.counts
+        timeout = self.timeout
+        sep = self.separator
+        joined: str | None = None  # the current texts joined by sep, when sep is unused
+        can_join = len(texts) > 1
+        for rule in rules:
+            if joined is None and can_join:
+                joined = sep.join(texts)
+                if joined.count(sep) != len(texts) - 1:
+                    joined, can_join = None, False  # a text holds sep: go text by text
+            literal = rule.literal
+            if literal is not None:
+                if joined is not None:
+                    n = joined.count(literal)
+                    if n:
+                        counts[rule.index] += n
+                        joined = joined.replace(literal, rule.literal_out)
+                        texts = joined.split(sep)
+                    continue
+                for i, text in enumerate(texts):
+                    n = text.count(literal)
+                    if n:
+                        counts[rule.index] += n
+                        texts[i] = text.replace(literal, rule.literal_out)
+                continue
+            if rule.joinable and joined is not None:
+                try:
+                    if rule.pattern.search(joined, timeout=timeout) is None:
+                        continue
+                except TimeoutError:
+                    pass  # undecided: try each text under its own limit
+            for i, text in enumerate(texts):
+                try:
+                    new, n = rule.pattern.subn(rule.template, text, timeout=timeout)
+                except TimeoutError:
+                    report.timeouts.append(
+                        RuleTimeout(self.section, rule.index, rule.description, role)
+                    )
+                    continue
+                if n:
+                    counts[rule.index] += n
+                    texts[i] = new
+                    joined = None
+        return texts
+
+
+def _text_slots(content: Any) -> list[tuple[Any, Any]]:
+    """(container, key) of every rewritable text in a message's ``content``."""
+    if isinstance(content, str):
+        return []  # handled by the caller, which owns the message dict
+    slots: list[tuple[Any, Any]] = []
+    if isinstance(content, list):
+        for part in content:
+            if (
+                isinstance(part, dict)
+                and part.get("type") == "text"
+                and isinstance(part.get("text"), str)
+            ):
+                slots.append((part, "text"))
+    return slots
+
+
+class Rewriter:
+    """Both rule sections, compiled once; safe to share between requests and threads."""
+
+    def __init__(
+        self,
+        request_rules: Sequence[MessageRule] = (),
+        response_rules: Sequence[RewriteRule] = (),
+        *,
+        request_timeout_ms: float = 100,
+        response_timeout_ms: float = 100,
+        max_match_chars: int = 64,
+    ) -> None:
+        self._request = _Engine(
+            REQUEST_SECTION, _compile_rules(REQUEST_SECTION, request_rules), request_timeout_ms
+        )
+        self._response = _Engine(
+            RESPONSE_SECTION,
+            _compile_rules(RESPONSE_SECTION, response_rules),
+            response_timeout_ms,
+        )
+        self.max_match_chars = max_match_chars
+        self._request_count = len(request_rules)
+        self._response_count = len(response_rules)
+        roles: dict[str, tuple[_Rule, ...]] = {}
+        for role in ("user", "assistant", "system", "tool", "developer"):
+            roles[role] = tuple(
+                c
+                for c, r in zip(self._request.rules, request_rules, strict=True)
+                if role in r.roles or "all" in r.roles
+            )
+        self._by_role = roles
+        self._any_role = tuple(
+            c for c, r in zip(self._request.rules, request_rules, strict=True) if "all" in r.roles
+        )
+        self.has_request_rules = bool(request_rules)
+        self.has_response_rules = bool(response_rules)
+
+    @classmethod
+    def from_config(cls, config: Config, *, include_disabled: bool = False) -> Rewriter:
+        """The rewriter for ``config``; a section with ``enabled: false`` has no rules.
+
+        Raises ValueError naming the rule when a replacement refers to a group
+        its pattern does not have.
+        """
+        req, resp = config.regex_replacement, config.response_processing
+        return cls(
+            req.rules if req.enabled or include_disabled else (),
+            resp.rules if resp.enabled or include_disabled else (),
+            request_timeout_ms=req.timeout_ms,
+            response_timeout_ms=resp.timeout_ms,
+            max_match_chars=resp.max_match_chars,
+        )
+
+    def rules_for(self, role: Any) -> tuple[_Rule, ...]:
+        return self._by_role.get(role, self._any_role) if isinstance(role, str) else self._any_role
+
+    # -- requests -----------------------------------------------------------------
+
+    def rewrite_messages(self, payload: dict[str, Any]) -> Rewrite:
+        """Rewrite ``payload["messages"]`` in place: string content and text parts.
+
+        Image parts and every other field stay as they are. Serialize the
+        payload again only when ``result.changed``.
+        """
+        report = Rewrite([0] * self._request_count)
+        messages = payload.get("messages")
+        if not self.has_request_rules or not isinstance(messages, list):
+            return report
+        groups: dict[str, list[tuple[Any, Any]]] = {}
+        for message in messages:
+            if not isinstance(message, dict):
+                continue
+            role = message.get("role")
+            key = role if isinstance(role, str) and role in self._by_role else ""
+            if not self.rules_for(role):
+                continue
+            content = message.get("content")
+            slots = [(message, "content")] if isinstance(content, str) else _text_slots(content)
+            groups.setdefault(key, []).extend(slots)
+        for key, slots in groups.items():
+            report.changed |= self._run_slots(
+                self._request, slots, self.rules_for(key or None), report, key or None
+            )
+        return report
+
+    def rewrite_request(self, body: bytes) -> BodyRewrite:
+        """Rewrite a request body; ``result.body is body`` when nothing changed.
+
+        A body that is not a JSON object passes untouched: the server answers it.
+        """
+        result = BodyRewrite([0] * self._request_count, body=body)
+        if not self.has_request_rules:
+            return result
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return result
+        if not isinstance(payload, dict):
+            return result
+        report = self.rewrite_messages(payload)
+        result.counts, result.timeouts, result.changed = (
+            report.counts,
+            report.timeouts,
+            report.changed,
+        )
+        if report.changed:
+            result.body = orjson.dumps(payload)
+        return result
+
+    async def rewrite_messages_async(self, payload: dict[str, Any]) -> Rewrite:
+        """:meth:`rewrite_messages` in a worker thread (inline when there are no rules)."""
+        if not self.has_request_rules:
+            return Rewrite([0] * self._request_count)
+        return await asyncio.to_thread(self.rewrite_messages, payload)
+
+    async def rewrite_request_async(self, body: bytes) -> BodyRewrite:
+        """:meth:`rewrite_request` in a worker thread; no rules means no parse, no hop."""
+        if not self.has_request_rules:
+            return BodyRewrite([0] * self._request_count, body=body)
+        return await asyncio.to_thread(self.rewrite_request, body)
+
+    # -- replies ------------------------------------------------------------------
+
+    def rewrite_response_payload(self, payload: dict[str, Any]) -> Rewrite:
+        """Rewrite ``choices[].message.content`` of a parsed reply, in place."""
+        report = Rewrite([0] * self._response_count)
+        choices = payload.get("choices")
+        if not self.has_response_rules or not isinstance(choices, list):
+            return report
+        slots: list[tuple[Any, Any]] = []
+        for choice in choices:
+            message = choice.get("message") if isinstance(choice, dict) else None
+            if isinstance(message, dict):
+                content = message.get("content")
+                if isinstance(content, str):
+                    slots.append((message, "content"))
+                else:
+                    slots.extend(_text_slots(content))
+        report.changed = self._run_slots(self._response, slots, self._response.rules, report, None)
+        return report
+
+    def rewrite_response(self, body: bytes) -> BodyRewrite:
+        """Rewrite a non-streaming reply body; ``result.body is body`` when unchanged."""
+        result = BodyRewrite([0] * self._response_count, body=body)
+        if not self.has_response_rules:
+            return result
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return result
+        if not isinstance(payload, dict):
+            return result
+        report = self.rewrite_response_payload(payload)
+        result.counts, result.timeouts, result.changed = (
+            report.counts,
+            report.timeouts,
+            report.changed,
+        )
+        if report.changed:
+            result.body = orjson.dumps(payload)
+        return result
+
+    async def rewrite_response_async(self, body: bytes) -> BodyRewrite:
+        """:meth:`rewrite_response` in a worker thread (inline when there are no rules)."""
+        if not self.has_response_rules:
+            return BodyRewrite([0] * self._response_count, body=body)
+        return await asyncio.to_thread(self.rewrite_response, body)
+
+    def stream(self) -> StreamRewriter:
+        """A fresh :class:`StreamRewriter` for one streamed reply."""
+        return StreamRewriter(self._response, self.max_match_chars)
+
+    # -- single texts ---------------------------------------------------------------
+
+    def rewrite_text(
+        self, text: str, *, role: str = "user", response: bool = False
+    ) -> tuple[str, Rewrite]:
+        """One text through the outgoing rules for ``role`` (or the reply rules)."""
+        engine = self._response if response else self._request
+        rules = self._response.rules if response else self.rules_for(role)
+        report = Rewrite([0] * (self._response_count if response else self._request_count))
+        [new] = engine.run([text], rules, report, None if response else role)
+        report.changed = new != text
+        return new, report
+
+    @staticmethod
+    def _run_slots(
+        engine: _Engine,
+        slots: list[tuple[Any, Any]],
+        rules: tuple[_Rule, ...],
+        report: Rewrite,
+        role: str | None,
+    ) -> bool:
+        if not slots or not rules:
+            return False
+        before = [container[key] for container, key in slots]
+        after = engine.run(list(before), rules, report, role)
+        changed = False
+        for (container, key), old, new in zip(slots, before, after, strict=True):
+            if new != old:
+                container[key] = new
+                changed = True
+        return changed
+
+
+# -- streams ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One choice's text not yet sent, and what the rules need to continue it."""
+
+    raw: str = ""
+    last: dict[str, Any] | None = None
+    # Per non-literal rule: the tail of the text that rule has already passed,
+    # so lookbehinds and \b see across event boundaries.
+    context: dict[int, str] = field(default_factory=dict)
+
+
+class StreamRewriter:
+    """Reply rules over a stream of parsed chunks, for one response.
+
+    Each choice's text is held back by up to ``max_match_chars`` characters so
+    a match split across events is still replaced; the rest goes out at once.
+    The concatenated text equals what the rules make of the whole reply as
+    long as no match (or lookaround) is longer than ``max_match_chars``; a
+    longer match can be missed when it spans events.
+
+    How: the rules run over the pending raw text, tracking where the cut
+    ``len(raw) - max_match_chars`` lands in the text after each rule. If no
+    rule's match straddles the cut, the rewritten text before the cut is final
+    and the raw text after it stays pending; otherwise the cut moves left and
+    the pass repeats. The emitted part is thus never rewritten again.
+    """
+
+    def __init__(self, engine: _Engine, max_match_chars: int) -> None:
+        self._engine = engine
+        self._rules = engine.rules
+        self._hold = max(0, max_match_chars)
+        self._context_chars = max(self._hold, 32)
+        # Beyond this much pending text, stop waiting for a clean cut and send it.
+        self._valve = max(4 * self._hold, 256)
+        # Such a rule also matches at the very end of the text, which only the
+        # end of the stream reveals.
+        self._matches_empty = any(r.pattern.search("") is not None for r in engine.rules)
+        self._choices: dict[Any, _Pending] = {}
+        self._timed_out: set[int] = set()
+        self.timeouts: list[RuleTimeout] = []
+        self.enabled = bool(engine.rules)
+
+    def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        """The chunks to send for ``chunk``, in order; ``chunk`` may be edited in place.
+
+        Held-back text is flushed before a chunk that ends a choice or carries
+        something other than text for it (finish_reason, tool_calls), and
+        before a chunk without choices (usage, error). A chunk whose only
+        payload was text that is all held back is dropped: its text goes out
+        with a later chunk.
+        """
+        if not self.enabled:
+            return [chunk]
+        choices = chunk.get("choices")
+        if not isinstance(choices, list) or not choices:
+            out = self.flush()
+            out.append(chunk)
+            return out
+        before: list[dict[str, Any]] = []
+        droppable = chunk.get("usage") is None
+        for choice in choices:
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if not isinstance(delta, dict):
+                droppable = False
+                continue
+            index = choice.get("index", 0)
+            text = delta.get("content")
+            ending = choice.get("finish_reason") is not None or any(
+                v is not None for k, v in delta.items() if k not in ("content", "role")
+            )
+            if not isinstance(text, str) or not text:
+                droppable = False
+                state = self._choices.get(index)
+                if ending and state is not None:
+                    del self._choices[index]
+                    flushed = self._flush_chunk(index, state)
+                    if flushed is not None:
+                        before.append(flushed)
+                continue
+            state = self._choices.get(index)
+            if state is None:
+                state = self._choices[index] = _Pending()
+            state.raw += text
+            state.last = chunk
+            if ending:
+                del self._choices[index]
+            sent = self._advance(state, final=ending)
+            delta["content"] = sent
+            if sent or ending or delta.get("role") is not None or choice.get("logprobs"):
+                droppable = False
+        if not droppable:
+            before.append(chunk)
+        return before
+
+    def flush(self) -> list[dict[str, Any]]:
+        """Chunks carrying every choice's held-back text; send them before ``[DONE]``."""
+        out: list[dict[str, Any]] = []
+        for index, state in self._choices.items():
+            flushed = self._flush_chunk(index, state)
+            if flushed is not None:
+                out.append(flushed)
+        self._choices.clear()
+        return out
+
+    def _flush_chunk(self, index: Any, state: _Pending) -> dict[str, Any] | None:
+        """A chunk with the rest of a choice's text, dressed as its last chunk."""
+        if not state.raw and not self._matches_empty:
+            return None
+        text = self._advance(state, final=True)
+        if not text:
+            return None
+        chunk = {k: v for k, v in (state.last or {}).items() if k not in ("choices", "usage")}
+        chunk["choices"] = [{"index": index, "delta": {"content": text}, "finish_reason": None}]
+        return chunk
+
+    def _advance(self, state: _Pending, *, final: bool) -> str:
+        """Rewrite and return what of ``state.raw`` can be sent now."""
+        raw = state.raw
+        if not final:
+            cut = len(raw) - self._hold
+            while cut > 0:
+                sent, retry = self._rewrite(state, raw, cut)
+                if sent is not None:
+                    state.raw = raw[cut:]
+                    return sent
+                cut = retry
+            if len(raw) <= self._valve:
+                return ""
+        sent, _ = self._rewrite(state, raw, len(raw), final=True)
+        state.raw = ""
+        return sent or ""
+
+    def _rewrite(
+        self, state: _Pending, raw: str, cut: int, *, final: bool = False
+    ) -> tuple[str | None, int]:
+        """All rules over ``raw``; the rewritten ``raw[:cut]``, or None and a cut to retry.
+
+        Matches that start before the cut are final; one that straddles it
+        means the cut must move left: to the match when the match is in raw
+        text (the first rule), else by one character. At the end of the text
+        (``final``) everything is final.
+        """
+        text, k = raw, cut
+        updates: dict[int, str] = {}
+        for stage, rule in enumerate(self._rules):
+            literal = rule.literal
+            if literal is not None:
+                if literal not in text:
+                    continue
+                width = len(literal)
+                if not final:
+                    straddle = text.find(literal, max(0, k - width + 1), k + width - 1)
+                    if straddle != -1:
+                        return None, (straddle if stage == 0 else cut - 1)
+                    k += text.count(literal, 0, k) * (len(rule.literal_out) - width)
+                text = text.replace(literal, rule.literal_out)
+                continue
+            context = state.context.get(stage, "")
+            updates[stage] = (context + text[:k])[-self._context_chars :]
+            try:
+                result = self._sub(rule, context + text, len(context), len(context) + k)
+            except TimeoutError:
+                if rule.index not in self._timed_out:
+                    self._timed_out.add(rule.index)
+                    self.timeouts.append(
+                        RuleTimeout(self._engine.section, rule.index, rule.description, None)
+                    )
+                continue
+            if isinstance(result, int):
+                return None, (result if stage == 0 else cut - 1)
+            text, k = result
+        state.context.update(updates)
+        return (text if final else text[:k]), 0
+
+    def _sub(self, rule: _Rule, text: str, start: int, cut: int) -> tuple[str, int] | int:
+        """``rule`` over ``text[start:]``; ``text[:start]`` is context only.
+
+        Returns the new ``text[start:]`` and where the cut moved to in it, or,
+        when a match straddles the cut, the match's start relative to ``start``.
+        An empty match at the cut belongs after it, as it would in one text.
+        """
+        pieces: list[str] = []
+        last = start
+        shift = 0
+        for m in rule.pattern.finditer(text, start, timeout=self._engine.timeout):
+            s, e = m.span()
+            if s < cut < e:
+                return s - start
+            replacement = m.expand(rule.template)
+            pieces.append(text[last:s])
+            pieces.append(replacement)
+            last = e
+            if s < cut:
+                shift += len(replacement) - (e - s)
+        if not pieces:
+            return text[start:], cut - start
+        pieces.append(text[last:])
+        return "".join(pieces), cut - start + shift
+
+
+# -- trying rules -------------------------------------------------------------------
+
+
+def trial(config: Config, text: str, *, role: str = "user", response: bool = False) -> str:
+    """A printable report of what the rules do to ``text``: result, counts, timeouts.
+
+    Used by ``first-hop-proxy rewrite``. Rules of a disabled section are still
+    tried, with a note, so they can be tested before being switched on.
+    """
+    rewriter = Rewriter.from_config(config, include_disabled=True)
+    section = RESPONSE_SECTION if response else REQUEST_SECTION
+    rules: Sequence[RewriteRule] = (
+        config.response_processing.rules if response else config.regex_replacement.rules
+    )
+    enabled = (config.response_processing if response else config.regex_replacement).enabled
+    new, report = rewriter.rewrite_text(text, role=role, response=response)
+    what = "reply" if response else f"{role} message"
+    lines = [f"{section} on a {what}:"]
+    if not enabled:
+        lines.append(f"(note: {section} is disabled in this config; the proxy does not apply it)")
+    lines += ["", new, ""]
+    if not response:
+        lines += [f"As sent in JSON: {orjson.dumps(new).decode()}", ""]
+    for index, count in enumerate(report.counts):
+        if count:
+            about = f" {rules[index].description}" if rules[index].description else ""
+            plural = "" if count == 1 else "s"
+            lines.append(f"  rules[{index}]{about}: {count} replacement{plural}")
+    lines.append(
+        f"Total: {report.replacements} replacement(s)"
+        + ("" if report.changed else ", text unchanged")
+    )
+    for timeout in report.timeouts:
+        lines.append(f"Timeout: {timeout}")
+    return "\n".join(lines)
