@@ -14,6 +14,7 @@ import pytest
 from first_hop_proxy.config import Config, HardStopRule, load_config
 from first_hop_proxy.decisions import (
     MESSAGE_LIMIT,
+    SCAN_LIMIT,
     Action,
     Decision,
     History,
@@ -836,8 +837,10 @@ def test_recategorization_is_recorded(outcome: Outcome, expected: Recategorized 
     if expected is None:
         assert d.recategorized is None
     else:
+        assert d.recategorized == expected
         assert d.recategorized is not None
-        assert d.recategorized[:3] == expected[:3]
+        old, new, pattern = d.recategorized
+        assert d.status == new and d.upstream_status == old and pattern
 
 
 @pytest.mark.parametrize(
@@ -917,6 +920,35 @@ def test_passed_in_json_feeds_recategorization() -> None:
     parsed = {"error": {"message": "The model is overloaded"}}
     d = run(Outcome(200, body="", json=parsed))
     assert (d.action, d.status) == (Action.RETRY, 429)
+
+
+def test_invalid_json_message_shows_the_body() -> None:
+    d = run(Outcome(200, body="<html><title>Gateway hiccup</title></html>"))
+    assert d.upstream_message == "the reply body is not valid JSON: Gateway hiccup"
+
+
+def test_patterns_scan_only_the_head_of_long_texts() -> None:
+    long_reply = completion("x" * SCAN_LIMIT + " The model is overloaded FATAL-1")
+    assert run(Outcome(200, body=long_reply)).action is Action.DELIVER
+    short_reply = completion("The model is overloaded " + "x" * SCAN_LIMIT)
+    assert run(Outcome(200, body=short_reply)).status == 429
+
+
+def test_backtracking_pattern_on_a_long_reply_stays_cheap() -> None:
+    import time
+
+    policy = make_policy(
+        response_parsing={
+            "status_recategorization": {
+                "rules": [{"pattern": "model.*capacity", "original_status": 200, "new_status": 429}]
+            },
+            "json_extraction": {"paths": ["choices[0].message.content"]},
+        }
+    )
+    outcome = Outcome(200, body=completion("the model said " * 10_000))
+    started = time.perf_counter()
+    assert run(outcome, policy=policy).action is Action.DELIVER
+    assert time.perf_counter() - started < 0.5
 
 
 def test_hard_stop_decision_carries_rule_and_original() -> None:

@@ -53,6 +53,10 @@ JsonPath = tuple[PathPart, ...]
 
 #: How much of the upstream's own error text is passed on to the person.
 MESSAGE_LIMIT: Final = 300
+#: Patterns look at the first this-many characters of each text. Error messages
+#: are short and come first; a long reply must not cost a backtracking pattern
+#: such as ``model.*capacity`` seconds of event-loop time.
+SCAN_LIMIT: Final = 8192
 #: The status reported for an attempt whose client went away (nginx's convention).
 CLIENT_CLOSED: Final = 499
 
@@ -145,7 +149,6 @@ class Recategorized(NamedTuple):
     old: int
     new: int
     pattern: str
-    description: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -544,7 +547,7 @@ class _Judge:
             texts.append(o.stream_error_event)
         for stop in self.policy.hard_stops:
             for text in texts:
-                if text and stop.pattern.search(text) is not None:
+                if text and stop.pattern.search(text, 0, SCAN_LIMIT) is not None:
                     status = o.status if o.status is not None and o.status >= 400 else 502
                     return self.make(
                         Action.HARD_STOP,
@@ -564,11 +567,9 @@ class _Judge:
         texts = self._texts()
         for recat in rules:
             for text in texts:
-                if recat.pattern.search(text) is not None:
+                if recat.pattern.search(text, 0, SCAN_LIMIT) is not None:
                     rule = recat.rule
-                    self.recategorized = Recategorized(
-                        status, rule.new_status, rule.pattern, rule.description
-                    )
+                    self.recategorized = Recategorized(status, rule.new_status, rule.pattern)
                     return rule.new_status
         return status
 
@@ -790,7 +791,10 @@ class _Judge:
         doc = self.doc
         if doc is _NOT_JSON:
             if o.body.strip():
-                return self.transport_as("invalid_json", "the reply body is not valid JSON")
+                snippet = _readable(o.body)[:100]
+                return self.transport_as(
+                    "invalid_json", f"the reply body is not valid JSON: {snippet}"
+                )
             return self.empty(status, None)
         if isinstance(doc, dict) and doc.get("error") and not doc.get("choices"):
             return self.by_status(_embedded_status(doc), f" (error in a {status} body)")
