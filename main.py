@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
-from first_hop_proxy.cli import main  # noqa: E402
+from first_hop_proxy.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

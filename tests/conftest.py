@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from first_hop_proxy.config import parse_config
@@ -48,7 +53,9 @@ async def start_proxy(upstream: FakeUpstream, tmp_path: Path) -> AsyncIterator[S
     """
     running: list[RunningServer] = []
 
-    async def _start(settings: dict[str, Any] | None = None, *, env: dict[str, str] | None = None) -> RunningServer:
+    async def _start(
+        settings: dict[str, Any] | None = None, *, env: dict[str, str] | None = None
+    ) -> RunningServer:
         base = {
             "target_proxy": {"url": upstream.chat_url, "timeout": 5},
             "error_handling": {"base_delay": 0.01, "max_delay": 0.05},
@@ -78,4 +85,79 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 def chat_body(stream: bool = False, text: str = "Hi", **extra: Any) -> dict[str, Any]:
-    return {"model": "fake-model", "messages": [{"role": "user", "content": text}], "stream": stream, **extra}
+    return {
+        "model": "fake-model",
+        "messages": [{"role": "user", "content": text}],
+        "stream": stream,
+        **extra,
+    }
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+
+    @property
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+async def raw_request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+) -> RawResponse:
+    """One HTTP/1.1 request written byte for byte (no client normalizes the path)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    headers = headers or {}
+    lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
+    if "connection" not in {k.lower() for k in headers}:
+        lines.append("Connection: close")
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    if body or method == "POST":
+        lines.append(f"Content-Length: {len(body)}")
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, rest = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    parsed = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        parsed[name.strip().lower()] = value.strip()
+    if parsed.get("transfer-encoding") == "chunked":
+        rest = dechunk(rest)
+    return RawResponse(int(status_line.split()[1]), parsed, rest)
+
+
+def dechunk(data: bytes) -> bytes:
+    out = b""
+    while data:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out, data = out + data[:size], data[size + 2 :]
+    return out
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment for a proxy subprocess: no FHP_* from the caller, src importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FHP_")}
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env

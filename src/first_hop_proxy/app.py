@@ -10,14 +10,16 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from . import __version__
 from .config import LoadedConfig
-from .demo import DEMO_PATH, add_demo_routes
+from .demo import DEMO_PATH, DEMO_PREFIX, add_demo_routes
 from .errors import error_response
 from .forwarding import chat_completions
+from .log_views import add_log_routes, logging_status
 from .model_list import CACHE, list_models
-from .state import STATE, State
+from .state import REQUEST_ID, STATE, State
 from .upstream import host_of
 
 log = logging.getLogger("first_hop_proxy")
@@ -29,21 +31,34 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PREFIXES = ("", "/", "/v1", "/v1/")
 
 
-REQUEST_ID = web.RequestKey("request_id", str)
-
-
 def new_request_id() -> str:
     return secrets.token_hex(6)
 
 
+def request_id_of(request: web.BaseRequest) -> str:
+    """The request's id (made on first use), as sent back in ``X-Request-ID``."""
+    request_id = request.get(REQUEST_ID)
+    if request_id is None:
+        request_id = new_request_id()
+        request[REQUEST_ID] = request_id
+    return request_id
+
+
 @web.middleware
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request_id = new_request_id()
-    request[REQUEST_ID] = request_id
-    response = await handler(request)
-    if not response.prepared:
-        response.headers["X-Request-ID"] = request_id
-    return response
+    request_id_of(request)
+    return await handler(request)
+
+
+async def add_response_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Runs as every response (streams included) is prepared: headers every answer has."""
+    response.headers.setdefault("X-Request-ID", request_id_of(request))
+    origin = request.get(CORS_ORIGIN)
+    if origin is not None and "Access-Control-Allow-Origin" not in response.headers:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = "X-Request-ID, X-Models-Source"
+        if origin != "*":
+            response.headers.add("Vary", "Origin")
 
 
 @web.middleware
@@ -55,6 +70,47 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         return http_error(exc, request)
+    except Exception:
+        log.exception("internal error while serving %s %s", request.method, request.path)
+        return error_response(
+            500,
+            "The proxy hit an internal error while handling this request (request id "
+            f"{request_id_of(request)}); the console has the details. Please report it.",
+            "internal_error",
+            "internal_error",
+        )
+
+
+def is_chat_request(request: web.Request) -> bool:
+    return (
+        request.method == "POST"
+        and request.path.endswith("/chat/completions")
+        and (not request.path.startswith(DEMO_PREFIX))
+    )
+
+
+@web.middleware
+async def counters_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Chat request counters for ``/health/detailed``: total, in flight, by final status."""
+    if not is_chat_request(request):
+        return await handler(request)
+    counters = request.app[STATE].counters
+    counters.requests += 1
+    counters.in_flight += 1
+    status = 499  # the client went away before an answer
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    except Exception:
+        status = 500
+        raise
+    finally:
+        counters.in_flight -= 1
+        counters.by_status[status] += 1
 
 
 def http_error(exc: web.HTTPException, request: web.Request) -> web.Response:
@@ -66,7 +122,9 @@ def http_error(exc: web.HTTPException, request: web.Request) -> web.Response:
         return error_response(404, message, "invalid_request_error", "not_found")
     if exc.status == 405:
         allowed = exc.headers.get("Allow", "")
-        message = f"{request.method} is not allowed on {request.path}; use {allowed or 'another method'}."
+        message = (
+            f"{request.method} is not allowed on {request.path}; use {allowed or 'another method'}."
+        )
         return error_response(
             405, message, "invalid_request_error", "method_not_allowed", headers={"Allow": allowed}
         )
@@ -80,19 +138,29 @@ def http_error(exc: web.HTTPException, request: web.Request) -> web.Response:
     return error_response(exc.status, exc.reason, "invalid_request_error", exc.status)
 
 
-def cors_middleware(origins: list[str]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    allow_any = "*" in origins
+CORS_ORIGIN = web.RequestKey("cors_origin", str)
 
-    def allowed(origin: str) -> str | None:
+
+def cors_middleware(origins: list[str]) -> Middleware:
+    """CORS for browser clients: any origin by default, else those in ``server.cors_origins``.
+
+    The allowed origin is remembered on the request; :func:`add_response_headers`
+    puts it on the response, so streamed answers carry it too.
+    """
+    allow_any = "*" in origins
+    listed = {o.rstrip("/") for o in origins}
+
+    def allowed(origin: str | None) -> str | None:
         if allow_any:
             return "*"
-        return origin if origin in origins else None
+        return origin if origin is not None and origin.rstrip("/") in listed else None
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        origin = request.headers.get("Origin")
+        allow = allowed(request.headers.get("Origin"))
+        if allow is not None:
+            request[CORS_ORIGIN] = allow
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-            allow = allowed(origin or "")
             headers = {
                 "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
                 "Access-Control-Allow-Headers": request.headers.get(
@@ -100,15 +168,8 @@ def cors_middleware(origins: list[str]) -> Callable[[web.Request, Handler], Awai
                 ),
                 "Access-Control-Max-Age": "86400",
             }
-            if allow:
-                headers["Access-Control-Allow-Origin"] = allow
             return web.Response(status=204, headers=headers)
-        response = await handler(request)
-        allow = allowed(origin or "") if origin or allow_any else None
-        if allow and not response.prepared:
-            response.headers["Access-Control-Allow-Origin"] = allow
-            response.headers["Access-Control-Expose-Headers"] = "X-Request-ID, X-Models-Source"
-        return response
+        return await handler(request)
 
     return middleware
 
@@ -154,6 +215,8 @@ async def health_detailed(request: web.Request) -> web.Response:
             "max_total_seconds": eh.max_total_seconds,
         },
         "counters": state.counters.snapshot(),
+        "circuit_breaker": state.breaker.snapshot(time.monotonic()),
+        "logging": logging_status(state.writer, state.request_log, state.error_log),
     }
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
@@ -178,21 +241,23 @@ def create_app(loaded: LoadedConfig, target_url: str | None = None) -> web.Appli
         middlewares=[
             request_id_middleware,
             cors_middleware(config.server.cors_origins),
+            counters_middleware,
             error_middleware,
         ],
         handler_args={"max_field_size": 65536},
     )
-    state = State(loaded=loaded, target_url=target_url or config.target_proxy.url)
+    state = State.build(loaded, target_url)
     app[STATE] = state
     app[CACHE] = {}
+    app.on_response_prepare.append(add_response_headers)
     add_routes(app)
     if loaded.demo:
         add_demo_routes(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        state.open_session()
+        await state.start()
         yield
-        await state.close_session()
+        await state.stop()
 
     app.cleanup_ctx.append(lifecycle)
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +14,8 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .config import SECRET_HEADERS, ConfigError, LoadedConfig, load_config
+from .app import masked_url
+from .config import ConfigError, LoadedConfig, is_secret_header, load_config
 from .demo import BANNER
 from .server import RunningServer, serve_forever
 
@@ -37,24 +39,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command")
 
-    def config_option(p: argparse.ArgumentParser) -> None:
+    # The options are accepted before and after the command; a subcommand's
+    # defaults are suppressed so they never undo a value given before it.
+    def options(p: argparse.ArgumentParser, default: Any, serving: bool) -> None:
         p.add_argument(
             "--config",
             type=Path,
-            default=None,
+            default=default,
             help="config file (default: $FHP_CONFIG or ./config.yaml)",
         )
+        if serving:
+            p.add_argument(
+                "--host", default=default, help="address to listen on (overrides server.host)"
+            )
+            p.add_argument(
+                "--port",
+                type=port_number,
+                default=default,
+                help="port to listen on (overrides server.port)",
+            )
 
-    for p in (parser, commands.add_parser("serve", help="start the proxy (the default)")):
-        config_option(p)
-        p.add_argument("--host", default=None, help="address to listen on (server.host)")
-        p.add_argument("--port", type=int, default=None, help="port to listen on (server.port)")
-
+    options(parser, None, True)
+    serve_parser = commands.add_parser("serve", help="start the proxy (the default)")
+    options(serve_parser, argparse.SUPPRESS, True)
     check = commands.add_parser(
         "check-config", help="validate the config and print it with secrets masked"
     )
-    config_option(check)
+    options(check, argparse.SUPPRESS, False)
     return parser
+
+
+def port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (use 1-65535)")
+    return port
 
 
 def setup_logging(debug: bool) -> None:
@@ -67,9 +89,17 @@ def setup_logging(debug: bool) -> None:
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
 
 
-def load_or_report(path: Path | None) -> LoadedConfig | None:
+def load_or_report(
+    path: Path | None, host: str | None = None, port: int | None = None
+) -> LoadedConfig | None:
+    """Load the config (``--host``/``--port`` win over everything), or print why not."""
+    env = dict(os.environ)
+    if host is not None:
+        env["FHP_HOST"] = host
+    if port is not None:
+        env["FHP_PORT"] = str(port)
     try:
-        return load_config(path)
+        return load_config(path, env)
     except ConfigError as exc:
         print(f"Config error in {exc.source}:", file=sys.stderr)
         for problem in exc.problems:
@@ -80,10 +110,13 @@ def load_or_report(path: Path | None) -> LoadedConfig | None:
 
 
 def effective_config(loaded: LoadedConfig) -> dict[str, Any]:
+    """The config as the proxy will use it, safe to paste into a bug report."""
     data = loaded.config.model_dump(mode="json")
-    headers = data["target_proxy"]["headers"]
+    target = data["target_proxy"]
+    target["url"] = masked_url(target["url"]) if target["url"] else ""
+    headers = target["headers"]
     for name, value in headers.items():
-        if name.lower() in SECRET_HEADERS:
+        if is_secret_header(name):
             headers[name] = mask_secret(value)
     return data
 
@@ -102,9 +135,10 @@ def check_config(path: Path | None) -> int:
 
 
 def serve(path: Path | None, host: str | None, port: int | None) -> int:
-    loaded = load_or_report(path)
+    loaded = load_or_report(path, host, port)
     if loaded is None:
         return 1
+    host, port = loaded.config.server.host, loaded.config.server.port
     setup_logging(loaded.config.server.debug)
     for warning in loaded.warnings:
         log.warning("config: %s", warning)
@@ -118,8 +152,13 @@ def serve(path: Path | None, host: str | None, port: int | None) -> int:
     try:
         asyncio.run(serve_forever(loaded, host, port, on_ready=ready))
     except OSError as exc:
-        log.error("cannot listen on %s:%s: %s", host or loaded.config.server.host,
-                  port if port is not None else loaded.config.server.port, exc.strerror or exc)
+        log.error(
+            "cannot listen on %s:%s: %s (is another proxy already running there? "
+            "use --port or server.port to pick another port)",
+            host,
+            port,
+            exc.strerror or exc,
+        )
         return 1
     except KeyboardInterrupt:
         pass

@@ -13,7 +13,8 @@ import uuid
 import orjson
 from aiohttp import web
 
-DEMO_PATH = "/__demo__/v1/chat/completions"
+DEMO_PREFIX = "/__demo__/"
+DEMO_PATH = DEMO_PREFIX + "v1/chat/completions"
 DEMO_TEXT = (
     "Hello from first-hop-proxy's demo upstream! The proxy works, but no real "
     "upstream is set yet. Copy config.yaml.example to config.yaml and set "

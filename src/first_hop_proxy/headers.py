@@ -28,8 +28,9 @@ EMPTY_BEARERS = frozenset({"bearer", "bearer undefined", "bearer null", "bearer 
 
 
 def _connection_named(headers: Mapping[str, str]) -> set[str]:
-    value = headers.get("Connection") or headers.get("connection") or ""
-    return {name.strip().lower() for name in value.split(",") if name.strip()}
+    """The header names listed in ``Connection`` (which may be sent more than once)."""
+    values = [v for k, v in headers.items() if k.lower() == "connection"]
+    return {name.strip().lower() for value in values for name in value.split(",") if name.strip()}
 
 
 def upstream_headers(

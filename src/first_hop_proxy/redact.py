@@ -184,7 +184,8 @@ class Redactor:
     def headers(self, headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str, str]:
         """Headers as a dict, credential values masked and other values scrubbed."""
         out: dict[str, str] = {}
-        for name, value in _header_items(headers):
+        for key, value in _header_items(headers):
+            name = str(key)  # multidict's istr is a str subclass that JSON encoders refuse
             masked = mask_header_value(value) if is_secret_header(name) else self.text(value)
             out[name] = f"{out[name]}, {masked}" if name in out else masked
         return out

@@ -33,7 +33,9 @@ class RunningServer:
         await self.runner.cleanup()
 
 
-async def start(loaded: LoadedConfig, host: str | None = None, port: int | None = None) -> RunningServer:
+async def start(
+    loaded: LoadedConfig, host: str | None = None, port: int | None = None
+) -> RunningServer:
     """Start serving ``loaded`` on ``host:port`` (port 0: any free port)."""
     server = loaded.config.server
     host = host or server.host
@@ -61,7 +63,9 @@ async def start(loaded: LoadedConfig, host: str | None = None, port: int | None 
     return RunningServer(runner, host, bound)
 
 
-async def serve_forever(loaded: LoadedConfig, host: str | None, port: int | None, on_ready: object = None) -> None:
+async def serve_forever(
+    loaded: LoadedConfig, host: str | None, port: int | None, on_ready: object = None
+) -> None:
     """Serve until SIGINT or SIGTERM, then shut down gracefully."""
     running = await start(loaded, host, port)
     if callable(on_ready):

@@ -6,6 +6,7 @@ No module-level globals: the server keeps one :class:`State` on its
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -14,7 +15,16 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from .breaker import CircuitBreaker, Transition
 from .config import Config, LoadedConfig
+from .decisions import Policy
+from .error_log import ErrorEvent, ErrorLog
+from .redact import Redactor, header_secrets
+from .request_log import RequestLog
+from .rewrite import Rewriter
+from .writer import LogWriter
+
+log = logging.getLogger("first_hop_proxy")
 
 
 @dataclass(eq=False)
@@ -37,12 +47,42 @@ class Counters:
 
 @dataclass(eq=False)
 class State:
+    """One running proxy: its config, compiled rules, breaker, logs and client session."""
+
     loaded: LoadedConfig
     target_url: str
+    policy: Policy
+    breaker: CircuitBreaker
+    rewriter: Rewriter
+    redactor: Redactor
+    writer: LogWriter
+    request_log: RequestLog
+    error_log: ErrorLog
     started_wall: float = field(default_factory=time.time)
     started: float = field(default_factory=time.monotonic)
     counters: Counters = field(default_factory=Counters)
     _session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def build(cls, loaded: LoadedConfig, target_url: str | None = None) -> State:
+        """Compile everything a config implies, once, before the first request."""
+        config = loaded.config
+        redactor = Redactor(header_secrets(config.target_proxy.headers))
+        writer = LogWriter()
+        error_log = ErrorLog(config.error_logging, writer, redactor)
+        state = cls(
+            loaded=loaded,
+            target_url=target_url or config.target_proxy.url,
+            policy=Policy.from_config(config),
+            breaker=CircuitBreaker.from_config(config.circuit_breaker),
+            rewriter=Rewriter.from_config(config),
+            redactor=redactor,
+            writer=writer,
+            request_log=RequestLog(config.logging, writer, redactor),
+            error_log=error_log,
+        )
+        writer.on_failure = state.log_write_failure
+        return state
 
     @property
     def config(self) -> Config:
@@ -54,26 +94,46 @@ class State:
             raise RuntimeError("the upstream session is opened when the server starts")
         return self._session
 
-    def open_session(self) -> None:
-        """One shared client session: a pool sized for hundreds of concurrent streams.
+    async def start(self) -> None:
+        """Open the one shared client session: a pool sized for hundreds of streams.
 
         ``total=None``: a stream may run for as long as it keeps sending;
         ``sock_read`` bounds the wait for headers and the gap between reads.
         """
+        await self.writer.start()
         target = self.config.target_proxy
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(
                 total=None, connect=target.connect_timeout, sock_read=target.timeout
             ),
-            auto_decompress=True,
             skip_auto_headers=("User-Agent",),
         )
 
-    async def close_session(self) -> None:
+    async def stop(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        await self.writer.close()
+
+    def breaker_moved(self, transition: Transition | None) -> None:
+        """Every state change of the circuit breaker goes to the console and the error log."""
+        if transition is None:
+            return
+        log.warning("upstream %s", transition)
+        self.error_log.log(
+            ErrorEvent(
+                "circuit_open" if transition.new == "open" else "circuit_breaker",
+                "CircuitBreaker",
+                str(transition),
+                url=self.redactor.url(self.target_url),
+                context=self.breaker.snapshot(time.monotonic()),
+            )
+        )
+
+    def log_write_failure(self, message: str) -> None:
+        self.error_log.log(ErrorEvent("log_write_error", "OSError", message))
 
 
 STATE = web.AppKey("state", State)
+REQUEST_ID = web.RequestKey("request_id", str)
