@@ -251,6 +251,7 @@ def create_app(loaded: LoadedConfig, target_url: str | None = None) -> web.Appli
     app[CACHE] = {}
     app.on_response_prepare.append(add_response_headers)
     add_routes(app)
+    add_log_routes(app, state.request_log, state.error_log)
     if loaded.demo:
         add_demo_routes(app)
 

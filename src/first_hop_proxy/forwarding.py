@@ -98,11 +98,17 @@ class Exchange:
 # -- the request --------------------------------------------------------------
 
 
-def bad_request(message: str, code: str) -> web.Response:
-    return error_response(400, message, "invalid_request_error", code)
+@dataclass(frozen=True, slots=True)
+class BadRequest:
+    message: str
+    code: str
 
 
-def parse_chat_request(body: bytes, ex: Exchange) -> ChatRequest | web.Response:
+def bad_request(message: str, code: str) -> BadRequest:
+    return BadRequest(message, code)
+
+
+def parse_chat_request(body: bytes, ex: Exchange) -> ChatRequest | BadRequest:
     """Parse and check the body; a bad one gets a 400 that says what is wrong."""
     try:
         payload = orjson.loads(body)
@@ -166,11 +172,10 @@ async def handle(ex: Exchange) -> web.StreamResponse:
     body = await ex.request.read()
     ex.record.body = body
     chat = parse_chat_request(body, ex)
-    if isinstance(chat, web.Response):
+    if isinstance(chat, BadRequest):
         ex.outcome_note = "bad request"
-        message = orjson.loads(chat.body)["error"]["message"] if chat.body else ""
-        ex.error_event("bad_request", "BadRequest", message, status_code=400)
-        return chat
+        ex.error_event("bad_request", "BadRequest", chat.message, status_code=400)
+        return error_response(400, chat.message, "invalid_request_error", chat.code)
     ex.chat = chat
     ex.record.model, ex.record.stream = chat.model, chat.stream
     await rewrite_request(ex, chat)
@@ -227,7 +232,7 @@ Attempt = Callable[[], Awaitable[Reply]]
 
 def outcome_of(reply: Reply, stream: bool) -> Outcome:
     """What the decision core needs to know about one attempt."""
-    is_stream = stream and reply.splitter is not None or bool(reply.events)
+    is_stream = (stream and reply.splitter is not None) or bool(reply.events)
     error_event = reply.error_event.decode("utf-8", "replace") if reply.error_event else None
     return Outcome(
         status=reply.status,
@@ -263,7 +268,9 @@ async def attempt_until_decided(ex: Exchange, attempt: Attempt) -> tuple[Decisio
                 wait = breaker.wait_or_fail(time.monotonic(), budget)
             if wait is None:
                 decision = circuit_open(
-                    breaker.retry_in(time.monotonic()), breaker.consecutive_failures, ex.last_problem
+                    breaker.retry_in(time.monotonic()),
+                    breaker.consecutive_failures,
+                    ex.last_problem,
                 )
                 ex.error_event("circuit_open", "CircuitOpen", decision.reason, status_code=503)
                 return decision, None
@@ -326,7 +333,6 @@ def note_attempt(ex: Exchange, reply: Reply, decision: Decision, duration: float
                     "matched_pattern": recat.pattern
                     if parsing_log.include_matched_pattern
                     else None,
-                    "description": recat.description,
                 },
             )
     if decision.action is Action.DELIVER:
@@ -390,7 +396,9 @@ async def relay_json(ex: Exchange, chat: ChatRequest) -> web.StreamResponse:
         body = result.body
     ex.record.response_body = body
     ex.record.response_headers = reply.headers
-    return web.Response(status=reply.status, body=body, headers=client_headers(reply.headers.items()))
+    return web.Response(
+        status=reply.status, body=body, headers=client_headers(reply.headers.items())
+    )
 
 
 # -- streaming ----------------------------------------------------------------
@@ -517,12 +525,18 @@ async def pump(ex: Exchange, out: web.StreamResponse, reply: Reply) -> None:
         transport = ex.request.transport
         if transport is None or transport.is_closing():
             raise  # the client left: nobody to tell
-        kind, message = describe_failure(exc, ex.state.target_url, state.config.target_proxy.timeout)
-        text = f"The reply was cut off: {message} The text above is incomplete; regenerate to retry."
+        kind, message = describe_failure(
+            exc, ex.state.target_url, state.config.target_proxy.timeout
+        )
+        text = (
+            f"The reply was cut off: {message} The text above is incomplete; regenerate to retry."
+        )
         ex.outcome_note = f"stream failed after content: {kind}"
         record.error = message
         ex.error_event(kind, "StreamInterrupted", message, context={"after_content": True})
-        body = orjson.dumps({"error": {"message": text, "type": kind, "code": "stream_interrupted"}})
+        body = orjson.dumps(
+            {"error": {"message": text, "type": kind, "code": "stream_interrupted"}}
+        )
         await out.write(frame(body) + frame(DONE))
     finally:
         reply.close()

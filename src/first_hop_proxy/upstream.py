@@ -122,7 +122,7 @@ def inspect_chunk(payload: Any) -> tuple[bool, bool, str | None]:
     """(has content, is an error, finish reason) of one parsed stream event."""
     if not isinstance(payload, dict):
         return False, False, None
-    if "error" in payload and payload["error"]:
+    if payload.get("error"):
         return False, True, None
     finish: str | None = None
     for choice in payload.get("choices") or ():
