@@ -19,7 +19,9 @@ import orjson
 from aiohttp import web
 
 
-def completion(text: str = "Hello there!", finish: str | None = "stop", **extra: Any) -> dict[str, Any]:
+def completion(
+    text: str = "Hello there!", finish: str | None = "stop", **extra: Any
+) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": "chatcmpl-fake",
         "object": "chat.completion",
@@ -34,7 +36,9 @@ def completion(text: str = "Hello there!", finish: str | None = "stop", **extra:
     return body
 
 
-def chunk(text: str | None = None, finish: str | None = None, index: int = 0, role: bool = False) -> dict[str, Any]:
+def chunk(
+    text: str | None = None, finish: str | None = None, index: int = 0, role: bool = False
+) -> dict[str, Any]:
     delta: dict[str, Any] = {}
     if role:
         delta["role"] = "assistant"
@@ -159,7 +163,9 @@ class FakeUpstream:
         self.default: Behaviour = Json()
         self.received: list[Received] = []
         self.disconnects: list[float] = []
-        self.models: Behaviour = Json(body={"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+        self.models: Behaviour = Json(
+            body={"object": "list", "data": [{"id": "fake-model", "object": "model"}]}
+        )
         self._runner: web.AppRunner | None = None
         self.port = 0
 

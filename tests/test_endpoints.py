@@ -573,7 +573,7 @@ async def test_client_leaves_while_upstream_hangs(
 ) -> None:
     upstream.default = Hang()
     body = orjson.dumps(chat_body())
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     request = (
         "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
