@@ -145,6 +145,29 @@ def test_literal_and_regex_rules_agree_across_many_messages() -> None:
     ]
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_many_messages_at_once_equal_one_by_one(seed: int) -> None:
+    """Literal rules and prefilters work on all messages joined; that must not show."""
+    rules = [
+        out_rule("ab", "b"),  # a deletion that makes new "ab"s: a later rule must see them
+        out_rule("b", "cc"),
+        out_rule("ccc", "\x01"),  # writes the character texts are joined with
+        out_rule("^c", "S"),
+        out_rule(r"(?<!a)c\b", "E"),
+        out_rule(r"(?<=a)b|d$", "D"),
+        out_rule("a", ""),
+        out_rule("cE", "ab"),
+        out_rule("ab", "X"),
+    ]
+    rnd = random.Random(seed)
+    alphabet = "abcd \x01" if seed % 4 == 0 else "abcd "
+    texts = ["".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 12))) for _ in range(8)]
+    payload: dict[str, Any] = {"messages": [{"role": "user", "content": t} for t in texts]}
+    rw = Rewriter(rules)
+    rw.rewrite_messages(payload)
+    assert [m["content"] for m in payload["messages"]] == [one(Rewriter(rules), t) for t in texts]
+
+
 def test_empty_matching_rule_inserts_between_every_character() -> None:
     """Like re.sub: an unescaped "|" matches the empty string everywhere."""
     rw = Rewriter([out_rule("|", "_")])

@@ -35,6 +35,7 @@ Stream path (one :class:`StreamRewriter` per response)::
 from __future__ import annotations
 
 import asyncio
+import functools
 import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -52,9 +53,10 @@ _FLAGS = {"i": regex.IGNORECASE, "m": regex.MULTILINE, "s": regex.DOTALL, "x": r
 _META = frozenset(".^$*+?{}[]()|\\")
 _CONTROL_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v", "a": "\a"}
 _HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
-# Anything that lets a match depend on what surrounds it. A pattern without these
-# matches a message inside a longer text exactly where it matches the message alone.
-_CONTEXT_SENSITIVE = ("^", "$", "(?", "\\A", "\\Z", "\\z", "\\b", "\\B", "\\G", "\\K", "\\m", "\\M")
+_ASSERTION_ESCAPES = frozenset("AZbB")
+_UNSURE_ESCAPES = frozenset("GKmMz")
+_LOOKAROUNDS = ("(?=", "(?!", "(?<=", "(?<!")
+_QUANTIFIERS = frozenset("*+?{")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +109,9 @@ class _Rule:
     # then runs as str.replace, which is linear and needs no time limit.
     literal: str | None
     literal_out: str
-    # No anchors or lookarounds: "no match in the joined texts" proves "no match in any".
-    joinable: bool
+    # Matches wherever this rule matches, context aside: no match for it in all
+    # texts joined proves the rule has nothing to do in any of them.
+    prefilter: regex.Pattern[str] | None
 
 
 def _compile_flags(flags: str) -> int:
@@ -179,8 +182,93 @@ def _compile_rule(index: int, rule: RewriteRule) -> _Rule:
     if literal is not None and pattern.fullmatch(literal) is None:
         literal = None  # the parser above is conservative; this keeps it honest
     literal_out = pattern.sub(rule.replacement, literal) if literal is not None else ""
-    joinable = not any(token in rule.pattern for token in _CONTEXT_SENSITIVE)
-    return _Rule(index, rule.description, pattern, rule.replacement, literal, literal_out, joinable)
+    relaxed = None if literal is not None else _relaxed(rule.pattern, rule.flags)
+    prefilter = None
+    if relaxed == rule.pattern:
+        prefilter = pattern
+    elif relaxed is not None:
+        try:
+            prefilter = regex.compile(relaxed, _compile_flags(rule.flags))
+        except regex.error:
+            prefilter = None
+    return _Rule(
+        index, rule.description, pattern, rule.replacement, literal, literal_out, prefilter
+    )
+
+
+def _relaxed(pattern: str, flags: str) -> str | None:
+    """``pattern`` without its anchors and lookarounds, or None when unsure.
+
+    Dropping a zero-width assertion only lets more text match, and what is
+    left matches a text the same wherever the text sits. So when the relaxed
+    pattern finds nothing in all texts joined, the rule matches none of them:
+    one scan instead of one call per message.
+    """
+    if "x" in flags or "(?x" in pattern or "(?(" in pattern:
+        return None
+    out: list[str] = []
+    depth = 0
+    dropping = 0  # depth of the lookaround being dropped, 0 when none
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        dropped = False
+        if ch == "\\":
+            token = pattern[i : i + 2]
+            if token[1:] in _UNSURE_ESCAPES:
+                return None
+            dropped = token[1:] in _ASSERTION_ESCAPES
+        elif ch == "[":
+            j = i + 1
+            if pattern[j : j + 1] == "^":
+                j += 1
+            if pattern[j : j + 1] == "]":
+                j += 1
+            while j < len(pattern) and pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            token = pattern[i : j + 1]
+        elif ch == "(":
+            depth += 1
+            look = next((x for x in _LOOKAROUNDS if pattern.startswith(x, i)), None)
+            token = look or "("
+            if look and not dropping:
+                dropping = depth
+        elif ch == ")":
+            token = ")"
+            if dropping == depth:
+                dropping, dropped = 0, True
+            depth -= 1
+        else:
+            token = ch
+            dropped = ch in "^$"
+        i += len(token)
+        if dropping or dropped:
+            if dropped and pattern[i : i + 1] in _QUANTIFIERS:
+                return None  # the quantifier would fall onto the previous atom
+            continue
+        out.append(token)
+    return "".join(out)
+
+
+@functools.lru_cache(maxsize=256)
+def _any_of(options: frozenset[str]) -> regex.Pattern[str]:
+    # Cached: the same rules over similar chats ask for the same sets again.
+    return regex.compile(r"\L<options>", regex.V0, options=sorted(options))
+
+
+def _occurring(text: str, literals: Iterable[str]) -> set[str]:
+    """Which of ``literals`` occur in ``text``, in about one scan however many there are."""
+    remaining = set(literals)
+    found: set[str] = set()
+    pos = 0
+    while remaining:
+        m = _any_of(frozenset(remaining)).search(text, pos)
+        if m is None:
+            break
+        found.add(m.group())
+        remaining.discard(m.group())
+        pos = m.start()  # nothing left to find before here
+    return found
 
 
 def _compile_rules(section: str, rules: Sequence[RewriteRule]) -> tuple[_Rule, ...]:
@@ -227,34 +315,56 @@ class _Engine:
         counts = report.counts
         timeout = self.timeout
         sep = self.separator
-        joined: str | None = None  # the current texts joined by sep, when sep is unused
+        # With several texts, literal rules and prefilters work on them joined by
+        # sep; `texts` is re-split from `joined` only when a rule needs it.
+        joined: str | None = None
+        split_needed = False
         can_join = len(texts) > 1
-        for rule in rules:
+        present: set[str] | None = None  # literals that may occur in joined
+        for position, rule in enumerate(rules):
             if joined is None and can_join:
                 joined = sep.join(texts)
                 if joined.count(sep) != len(texts) - 1:
                     joined, can_join = None, False  # a text holds sep: go text by text
             literal = rule.literal
             if literal is not None:
-                if joined is not None:
-                    n = joined.count(literal)
-                    if n:
-                        counts[rule.index] += n
-                        joined = joined.replace(literal, rule.literal_out)
-                        texts = joined.split(sep)
+                if joined is None:
+                    for i, text in enumerate(texts):
+                        n = text.count(literal)
+                        if n:
+                            counts[rule.index] += n
+                            texts[i] = text.replace(literal, rule.literal_out)
                     continue
-                for i, text in enumerate(texts):
-                    n = text.count(literal)
-                    if n:
-                        counts[rule.index] += n
-                        texts[i] = text.replace(literal, rule.literal_out)
+                if present is None:
+                    present = _occurring(joined, _literals(rules[position:]))
+                if literal not in present:
+                    continue
+                out = rule.literal_out
+                if len(out) == len(literal):
+                    n = joined.count(literal)
+                    replaced = joined.replace(literal, out) if n else joined
+                else:  # one scan, not two: the length change gives the count
+                    replaced = joined.replace(literal, out)
+                    n = (len(replaced) - len(joined)) // (len(out) - len(literal))
+                if n:
+                    counts[rule.index] += n
+                    joined = replaced
+                    split_needed = True
+                    if not out:
+                        present = None  # a deletion joins text: anything may appear
+                    else:
+                        present.update(
+                            x for x in _literals(rules[position:]) if _may_create(out, x)
+                        )
                 continue
-            if rule.joinable and joined is not None:
+            if rule.prefilter is not None and joined is not None:
                 try:
-                    if rule.pattern.search(joined, timeout=timeout) is None:
+                    if rule.prefilter.search(joined, timeout=timeout) is None:
                         continue
                 except TimeoutError:
                     pass  # undecided: try each text under its own limit
+            if split_needed and joined is not None:
+                texts, split_needed = joined.split(sep), False
             for i, text in enumerate(texts):
                 try:
                     new, n = rule.pattern.subn(rule.template, text, timeout=timeout)
@@ -266,8 +376,29 @@ class _Engine:
                 if n:
                     counts[rule.index] += n
                     texts[i] = new
-                    joined = None
+                    joined, present = None, None
+        if split_needed and joined is not None:
+            texts = joined.split(sep)
         return texts
+
+
+@functools.lru_cache(maxsize=4096)
+def _may_create(inserted: str, literal: str) -> bool:
+    """Whether inserting ``inserted`` into a text can make ``literal`` occur in it.
+
+    A new occurrence must overlap the inserted text: contain it, lie inside
+    it, or share an edge with it.
+    """
+    if inserted in literal or literal in inserted:
+        return True
+    return any(
+        inserted.endswith(literal[:k]) or inserted.startswith(literal[-k:])
+        for k in range(1, min(len(inserted), len(literal)))
+    )
+
+
+def _literals(rules: Iterable[_Rule]) -> list[str]:
+    return [r.literal for r in rules if r.literal is not None]
 
 
 def _text_slots(content: Any) -> list[tuple[Any, Any]]:
