@@ -470,7 +470,7 @@ class Rewriter:
             max_match_chars=resp.max_match_chars,
         )
 
-    def rules_for(self, role: Any) -> tuple[_Rule, ...]:
+    def _rules_for(self, role: Any) -> tuple[_Rule, ...]:
         return self._by_role.get(role, self._any_role) if isinstance(role, str) else self._any_role
 
     # -- requests -----------------------------------------------------------------
@@ -491,14 +491,14 @@ class Rewriter:
                 continue
             role = message.get("role")
             key = role if isinstance(role, str) and role in self._by_role else ""
-            if not self.rules_for(role):
+            if not self._rules_for(role):
                 continue
             content = message.get("content")
             slots = [(message, "content")] if isinstance(content, str) else _text_slots(content)
             groups.setdefault(key, []).extend(slots)
         for key, slots in groups.items():
             report.changed |= self._run_slots(
-                self._request, slots, self.rules_for(key or None), report, key or None
+                self._request, slots, self._rules_for(key or None), report, key or None
             )
         return report
 
@@ -596,7 +596,7 @@ class Rewriter:
     ) -> tuple[str, Rewrite]:
         """One text through the outgoing rules for ``role`` (or the reply rules)."""
         engine = self._response if response else self._request
-        rules = self._response.rules if response else self.rules_for(role)
+        rules = self._response.rules if response else self._rules_for(role)
         report = Rewrite([0] * (self._response_count if response else self._request_count))
         [new] = engine.run([text], rules, report, None if response else role)
         report.changed = new != text
