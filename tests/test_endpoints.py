@@ -13,7 +13,7 @@ from first_hop_proxy import __version__
 from first_hop_proxy.server import RunningServer
 
 from .conftest import StartProxy, chat_body, free_port, raw_request
-from .fake_upstream import FakeUpstream, Hang, Json, completion
+from .fake_upstream import FakeUpstream, Hang, Json, Reset, completion
 
 CHAT_PATHS = ["/chat/completions", "/v1/chat/completions", "//chat/completions"]
 CHAT_PATHS += ["/v1//chat/completions"]
@@ -163,6 +163,8 @@ async def test_health_detailed(
     assert body["retry"]["max_retries"] == 4
     assert body["retry"]["base_delay"] == 0.01
     assert 429 in body["retry"]["retry_codes"]
+    assert body["circuit_breaker"]["state"] == "closed"
+    assert body["circuit_breaker"]["failure_threshold"] == 5
     counters = body["counters"]
     assert counters["requests"] == 0 and counters["in_flight"] == 0
     assert counters["by_status"] == {}
@@ -593,3 +595,27 @@ async def test_client_leaves_while_upstream_hangs(
         await asyncio.sleep(0.01)
     assert upstream.disconnects, "the upstream request was not aborted"
     assert upstream.disconnects[0] - left < 1
+
+
+async def test_fail_code_on_stream_passes_through(
+    start_proxy: StartProxy, upstream: FakeUpstream, client: aiohttp.ClientSession
+) -> None:
+    upstream.queue(Json(400, body={"error": {"message": "bad model name", "type": "x"}}))
+    proxy = await start_proxy(NO_RETRY)
+    async with client.post(proxy.url + "/v1/chat/completions", json=chat_body(stream=True)) as resp:
+        assert resp.status == 400
+        assert resp.content_type == "application/json"
+        error = assert_error_shape(await resp.json())
+    assert "bad model name" in str(error["message"])
+
+
+async def test_upstream_reset_502(
+    start_proxy: StartProxy, upstream: FakeUpstream, client: aiohttp.ClientSession
+) -> None:
+    upstream.default = Reset()
+    proxy = await start_proxy(NO_RETRY)
+    async with client.post(proxy.url + "/v1/chat/completions", json=chat_body()) as resp:
+        assert resp.status == 502
+        error = assert_error_shape(await resp.json())
+    assert f"127.0.0.1:{upstream.port}" in str(error["message"])
+    assert error["type"] == "connection_error"
