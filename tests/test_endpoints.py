@@ -523,11 +523,6 @@ async def test_unreachable_upstream_502(
         assert error["type"] == "connection_error"
 
 
-@pytest.mark.skip(
-    reason="pending fix in upstream.describe_failure: a refused connection is described "
-    "as \"Connect call failed ('127.0.0.1', PORT)\" (OSError.strerror) instead of its "
-    'cause, "Connection refused" (os.strerror(errno))'
-)
 async def test_unreachable_upstream_names_cause(
     start_proxy: StartProxy, client: aiohttp.ClientSession
 ) -> None:

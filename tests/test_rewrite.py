@@ -11,7 +11,14 @@ from typing import Any
 import orjson
 import pytest
 
-from first_hop_proxy.config import Config, MessageRule, RewriteRule, load_config, parse_config
+from first_hop_proxy.config import (
+    Config,
+    ConfigError,
+    MessageRule,
+    RewriteRule,
+    load_config,
+    parse_config,
+)
 from first_hop_proxy.rewrite import Rewriter, RuleTimeout, trial
 
 SPEC_CONFIG = (
@@ -93,8 +100,12 @@ def test_backreferences_numbered_and_named() -> None:
 
 
 def test_replacement_with_missing_group_is_refused_at_load() -> None:
-    with pytest.raises(ValueError, match=r"regex_replacement.rules\[1\].replacement"):
-        Rewriter([out_rule("a", "b"), out_rule("(a)", r"\2")])
+    rules = [{"pattern": "a", "replacement": "b"}, {"pattern": "(a)", "replacement": r"\2"}]
+    with pytest.raises(ConfigError) as info:
+        parse_config({"regex_replacement": {"rules": rules}}, base_dir=Path("."), env={})
+    assert info.value.problems == [
+        "regex_replacement.rules[1].replacement: invalid replacement '\\\\2': no such group"
+    ]
 
 
 def test_list_content_text_parts_only() -> None:

@@ -17,6 +17,7 @@ from . import __version__
 from .app import masked_url
 from .config import ConfigError, LoadedConfig, is_secret_header, load_config
 from .demo import BANNER
+from .rewrite import trial
 from .server import RunningServer, serve_forever
 
 log = logging.getLogger("first_hop_proxy")
@@ -66,6 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config", help="validate the config and print it with secrets masked"
     )
     options(check, argparse.SUPPRESS, False)
+    rewrite = commands.add_parser(
+        "rewrite", help="show what the rewrite rules do to a text, rule by rule"
+    )
+    options(rewrite, argparse.SUPPRESS, False)
+    rewrite.add_argument(
+        "--role",
+        default="user",
+        choices=("user", "assistant", "system", "tool", "developer"),
+        help="the message role whose regex_replacement rules apply (default: user)",
+    )
+    rewrite.add_argument(
+        "--response",
+        action="store_true",
+        help="apply the response_processing rules (reply text) instead",
+    )
+    rewrite.add_argument("text", help="the text to rewrite")
     return parser
 
 
@@ -166,10 +183,21 @@ def serve(path: Path | None, host: str | None, port: int | None) -> int:
     return 0
 
 
+def try_rules(path: Path | None, text: str, role: str, response: bool) -> int:
+    """``first-hop-proxy rewrite``: check a rule on a text before trusting a chat to it."""
+    loaded = load_or_report(path)
+    if loaded is None:
+        return 1
+    print(trial(loaded.config, text, role=role, response=response))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "check-config":
         return check_config(args.config)
+    if args.command == "rewrite":
+        return try_rules(args.config, args.text, args.role, args.response)
     return serve(args.config, args.host, args.port)
 
 

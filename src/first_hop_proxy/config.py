@@ -19,7 +19,14 @@ from typing import Annotated, Any
 
 import regex
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from .headers import EMPTY_BEARERS
 
@@ -73,11 +80,49 @@ class PatternRule(Section):
     _pattern_ok = field_validator("pattern")(check_pattern)
 
 
+REGEX_FLAGS = {"i": regex.IGNORECASE, "m": regex.MULTILINE, "s": regex.DOTALL, "x": regex.VERBOSE}
+
+
+def compile_flags(flags: str) -> int:
+    """The ``regex`` flags for a rule's flag letters, in ``re``-compatible (V0) mode."""
+    value = regex.V0
+    for letter in flags:
+        value |= REGEX_FLAGS[letter]
+    return int(value)
+
+
+def template_problem(pattern: str, flags: str, replacement: str) -> str | None:
+    """Why ``replacement`` cannot be used with ``pattern`` (e.g. ``\\2`` with one group).
+
+    ``re`` only notices a bad template at the first match, in the middle of a
+    request; this finds it at load time. The pattern plus an empty alternative
+    always matches and has the same groups, so expanding the template on that
+    match checks every group reference and escape.
+    """
+    try:
+        probe = regex.compile(pattern + "\n|", compile_flags(flags)).match("")
+        if probe is not None:  # always, by construction
+            probe.expand(replacement)
+    except (regex.error, IndexError) as exc:
+        return f"invalid replacement {replacement!r}: {exc}"
+    return None
+
+
 class RewriteRule(PatternRule):
-    replacement: str = ""
     flags: str = ""
+    replacement: str = ""
 
     _flags_ok = field_validator("flags")(check_flags)
+
+    @field_validator("replacement")
+    @classmethod
+    def _template_ok(cls, value: str, info: ValidationInfo) -> str:
+        pattern, flags = info.data.get("pattern"), info.data.get("flags")
+        if pattern is not None and flags is not None:
+            problem = template_problem(pattern, flags, value)
+            if problem:
+                raise ValueError(problem)
+        return value
 
 
 class MessageRule(RewriteRule):
@@ -520,7 +565,7 @@ def _semantic_warnings(config: Config) -> list[str]:
         ("response_processing", config.response_processing.rules),
     ):
         for i, rule in enumerate(rules):
-            if regex.compile(rule.pattern).match("") is not None:
+            if regex.compile(rule.pattern, compile_flags(rule.flags)).match("") is not None:
                 warnings.append(
                     f"{section}.rules[{i}].pattern: {rule.pattern!r} matches the empty string, "
                     "so it rewrites between every character of every text; escape special "

@@ -44,12 +44,11 @@ from typing import Any
 import orjson
 import regex  # type: ignore[import-untyped, unused-ignore]
 
-from .config import Config, MessageRule, RewriteRule
+from .config import Config, MessageRule, RewriteRule, compile_flags, template_problem
 
 REQUEST_SECTION = "regex_replacement"
 RESPONSE_SECTION = "response_processing"
 
-_FLAGS = {"i": regex.IGNORECASE, "m": regex.MULTILINE, "s": regex.DOTALL, "x": regex.VERBOSE}
 _META = frozenset(".^$*+?{}[]()|\\")
 _CONTROL_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v", "a": "\a"}
 _HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
@@ -114,13 +113,6 @@ class _Rule:
     prefilter: regex.Pattern[str] | None
 
 
-def _compile_flags(flags: str) -> int:
-    value = regex.V0
-    for letter in flags:
-        value |= _FLAGS[letter]
-    return int(value)
-
-
 def _literal_of(pattern: str, flags: str) -> str | None:
     """The one text ``pattern`` matches when it is a plain literal, else None."""
     if "i" in flags or "x" in flags:
@@ -156,28 +148,11 @@ def _literal_of(pattern: str, flags: str) -> str | None:
     return "".join(out) or None
 
 
-def template_problem(pattern: str, flags: str, replacement: str) -> str | None:
-    """Why ``replacement`` cannot be used with ``pattern`` (e.g. ``\\2`` with one group).
-
-    ``re`` only notices a bad template at the first match, in the middle of a
-    request; this finds it at load time. The pattern plus an empty alternative
-    always matches and has the same groups, so expanding the template on that
-    match checks every group reference and escape.
-    """
-    try:
-        probe = regex.compile(pattern + "\n|", _compile_flags(flags)).match("")
-        if probe is not None:  # always, by construction
-            probe.expand(replacement)
-    except (regex.error, IndexError) as exc:
-        return f"invalid replacement {replacement!r}: {exc}"
-    return None
-
-
 def _compile_rule(index: int, rule: RewriteRule) -> _Rule:
     problem = template_problem(rule.pattern, rule.flags, rule.replacement)
     if problem:
         raise ValueError(problem)
-    pattern = regex.compile(rule.pattern, _compile_flags(rule.flags))
+    pattern = regex.compile(rule.pattern, compile_flags(rule.flags))
     literal = _literal_of(rule.pattern, rule.flags)
     if literal is not None and pattern.fullmatch(literal) is None:
         literal = None  # the parser above is conservative; this keeps it honest
@@ -188,7 +163,7 @@ def _compile_rule(index: int, rule: RewriteRule) -> _Rule:
         prefilter = pattern
     elif relaxed is not None:
         try:
-            prefilter = regex.compile(relaxed, _compile_flags(rule.flags))
+            prefilter = regex.compile(relaxed, compile_flags(rule.flags))
         except regex.error:
             prefilter = None
     return _Rule(

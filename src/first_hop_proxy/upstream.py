@@ -8,6 +8,7 @@ values (``error`` set), not exceptions, so the caller has one thing to inspect.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -80,7 +81,8 @@ def describe_failure(exc: BaseException, url: str, timeout: float) -> tuple[str,
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
         return "connection_error", f"TLS handshake with the upstream at {host} failed: {exc}."
     if isinstance(exc, aiohttp.ClientConnectorError):
-        cause = exc.os_error.strerror or str(exc.os_error)
+        errno = exc.os_error.errno
+        cause = os.strerror(errno).lower() if errno else str(exc.os_error)
         return "connection_error", (
             f"Could not connect to the upstream at {host}: {cause}. "
             "Check target_proxy.url and that the upstream is running."
