@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 
@@ -16,6 +17,9 @@ from .headers import is_empty_value
 from .state import STATE
 from .upstream import TRANSPORT_ERRORS
 
+# SillyTavern waits for the list when it connects: a hung upstream must not stall it
+# for the whole chat timeout before the cached or default list is offered.
+LIST_TIMEOUT = aiohttp.ClientTimeout(total=10)
 DEFAULT_MODELS = ("gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet", "gemini-2.5-pro")
 
 
@@ -51,7 +55,7 @@ async def list_models(request: web.Request) -> web.Response:
     if not is_empty_value(auth) and "authorization" not in {k.lower() for k in headers}:
         headers["Authorization"] = auth
     try:
-        async with state.session.get(url, headers=headers) as resp:
+        async with state.session.get(url, headers=headers, timeout=LIST_TIMEOUT) as resp:
             body = await resp.read()
             if resp.status == 200:
                 parsed = orjson.loads(body)
