@@ -70,8 +70,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         return http_error(exc, request)
-    except Exception:
+    except Exception as exc:
         log.exception("internal error while serving %s %s", request.method, request.path)
+        request.app[STATE].endpoint_error(request, exc)
         return error_response(
             500,
             "The proxy hit an internal error while handling this request (request id "

@@ -15,8 +15,16 @@ import yaml
 
 from . import __version__
 from .app import masked_url
-from .config import ConfigError, LoadedConfig, is_secret_header, load_config
+from .config import (
+    ConfigError,
+    LoadedConfig,
+    default_config_path,
+    is_secret_header,
+    load_config,
+)
 from .demo import BANNER
+from .error_log import log_config_error
+from .redact import redact_text
 from .rewrite import trial
 from .server import RunningServer, serve_forever
 
@@ -107,9 +115,16 @@ def setup_logging(debug: bool) -> None:
 
 
 def load_or_report(
-    path: Path | None, host: str | None = None, port: int | None = None
+    path: Path | None,
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    log_errors: bool = False,
 ) -> LoadedConfig | None:
-    """Load the config (``--host``/``--port`` win over everything), or print why not."""
+    """Load the config (``--host``/``--port`` win over everything), or print why not.
+
+    ``log_errors``: also write the problems to a ``config_error`` error log.
+    """
     env = dict(os.environ)
     if host is not None:
         env["FHP_HOST"] = host
@@ -120,10 +135,29 @@ def load_or_report(
     except ConfigError as exc:
         print(f"Config error in {exc.source}:", file=sys.stderr)
         for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+            print(f"  {redact_text(problem)}", file=sys.stderr)
         for warning in exc.warnings:
-            print(f"  warning: {warning}", file=sys.stderr)
+            print(f"  warning: {redact_text(warning)}", file=sys.stderr)
+        if log_errors:
+            written = record_config_error(path or default_config_path(env), exc)
+            if written is not None:
+                print(f"  (logged to {written})", file=sys.stderr)
         return None
+
+
+def record_config_error(path: Path, exc: ConfigError) -> Path | None:
+    """Best effort: a broken config's problems go to ``logs/errors`` beside the config file.
+
+    The config's own ``error_logging`` cannot be trusted when it is broken, so the
+    default folder is used; nothing is written for a config file that does not exist.
+    """
+    try:
+        if not path.is_file():
+            return None
+        folder = path.resolve().parent / "logs" / "errors"
+    except OSError:
+        return None
+    return log_config_error(folder, exc.problems, source=exc.source)
 
 
 def effective_config(loaded: LoadedConfig) -> dict[str, Any]:
@@ -152,7 +186,7 @@ def check_config(path: Path | None) -> int:
 
 
 def serve(path: Path | None, host: str | None, port: int | None) -> int:
-    loaded = load_or_report(path, host, port)
+    loaded = load_or_report(path, host, port, log_errors=True)
     if loaded is None:
         return 1
     host, port = loaded.config.server.host, loaded.config.server.port

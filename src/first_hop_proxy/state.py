@@ -134,6 +134,21 @@ class State:
     def log_write_failure(self, message: str) -> None:
         self.error_log.log(ErrorEvent("log_write_error", "OSError", message))
 
+    def endpoint_error(self, request: web.Request, exc: BaseException) -> None:
+        """An unexpected exception while serving ``request``, with its stack trace."""
+        self.error_log.log(
+            ErrorEvent.from_exception(
+                "endpoint_error",
+                exc,
+                status_code=500,
+                request_id=request.get(REQUEST_ID),
+                method=request.method,
+                path=request.path,
+                client=request.remote,
+                headers=request.headers.copy(),
+            )
+        )
+
 
 STATE = web.AppKey("state", State)
 REQUEST_ID = web.RequestKey("request_id", str)
