@@ -26,7 +26,8 @@ from .decisions import Action, Decision, History, Outcome, circuit_open, decide,
 from .error_log import ErrorEvent
 from .errors import error_response
 from .headers import client_headers, upstream_headers
-from .request_log import RequestRecord
+from .redact import header_secrets
+from .request_log import AttemptRecord, RequestRecord
 from .rewrite import RuleTimeout
 from .sse import DONE, comment, event_data, frame
 from .state import REQUEST_ID, STATE, State
@@ -40,6 +41,7 @@ STREAM_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 TRANSPORT_STATUS = {"timeout": 504}
+DEBUG_TEXT = 300  # characters of upstream text in a debug line
 
 
 @dataclass(slots=True, eq=False)
@@ -64,6 +66,8 @@ class Exchange:
     history: History = field(default_factory=History)
     started: float = field(default_factory=time.monotonic)
     last_problem: str = ""
+    last_code: str = ""  # the last failed attempt's status or failure kind, for keep-alives
+    calls: int = 0  # upstream attempts made (a retry the breaker refused is not one)
     outcome_note: str = ""
 
     @property
@@ -89,7 +93,7 @@ class Exchange:
                 client=self.request.remote,
                 elapsed=self.elapsed(),
                 url=self.state.redactor.url(self.state.target_url),
-                secrets=self.record.secrets,
+                secrets=[*self.record.secrets, *header_secrets(self.request.headers)],
                 **fields,
             )
         )
@@ -179,6 +183,15 @@ async def handle(ex: Exchange) -> web.StreamResponse:
     ex.chat = chat
     ex.record.model, ex.record.stream = chat.model, chat.stream
     await rewrite_request(ex, chat)
+    if ex.state.config.server.debug:
+        redactor = ex.state.redactor.with_secrets(header_secrets(ex.request.headers))
+        log.debug(
+            "%s -> POST %s, %d bytes, headers %s",
+            ex.request_id,
+            redactor.url(ex.state.target_url),
+            len(chat.body),
+            redactor.headers(chat.headers),
+        )
     if chat.stream:
         return await relay_stream(ex, chat)
     return await relay_json(ex, chat)
@@ -277,6 +290,7 @@ async def attempt_until_decided(ex: Exchange, attempt: Attempt) -> tuple[Decisio
             await asyncio.sleep(max(wait, 0.01))
             continue
         began = time.monotonic()
+        ex.calls += 1
         try:
             reply = await attempt()
         except BaseException:
@@ -319,6 +333,8 @@ def note_attempt(ex: Exchange, reply: Reply, decision: Decision, duration: float
     )
     if decision.action is Action.RETRY:
         attempt.delay_before_next = decision.delay
+    if ex.state.config.server.debug:
+        debug_attempt(ex, attempt)
     if recat is not None and ex.state.config.response_parsing.logging.log_recategorization:
         parsing_log = ex.state.config.response_parsing.logging
         if parsing_log.enabled:
@@ -342,7 +358,10 @@ def note_attempt(ex: Exchange, reply: Reply, decision: Decision, duration: float
         code = "hard_stop"
     elif decision.error_type == "empty_response":
         code = "empty_response"
+    elif reply.error is None and decision.error_type == "connection_error":
+        code = "invalid_json"  # the upstream answered, but not with JSON
     ex.last_problem = problem or decision.reason
+    ex.last_code = str(code)
     retrying = decision.action is Action.RETRY
     ex.error_event(
         code,
@@ -357,8 +376,29 @@ def note_attempt(ex: Exchange, reply: Reply, decision: Decision, duration: float
     )
 
 
+def debug_attempt(ex: Exchange, attempt: AttemptRecord) -> None:
+    """``server.debug``: one console line per upstream attempt, secrets masked."""
+    redact = ex.state.redactor.with_secrets(header_secrets(ex.request.headers)).text
+    status = attempt.status if attempt.status is not None else "no response"
+    error = f"; error: {redact(attempt.error)[:DEBUG_TEXT]}" if attempt.error else ""
+    delay = attempt.delay_before_next
+    log.debug(
+        "%s attempt #%d: %s in %.3f s -> %s (%s)%s%s",
+        ex.request_id,
+        attempt.number,
+        status,
+        attempt.duration or 0.0,
+        attempt.action,
+        redact(attempt.reason)[:DEBUG_TEXT],
+        f", next in {delay:.2f} s" if delay is not None else "",
+        error,
+    )
+
+
 def failure_body(ex: Exchange, decision: Decision) -> bytes:
-    return orjson.dumps(error_body(decision, ex.history.attempts, ex.elapsed()))
+    """The error the client gets; an upstream text quoted in it may echo a key: masked."""
+    redactor = ex.state.redactor.with_secrets(header_secrets(ex.request.headers))
+    return orjson.dumps(redactor.obj(error_body(decision, ex.calls, ex.elapsed())))
 
 
 def failure_response(ex: Exchange, decision: Decision) -> web.Response:
@@ -431,7 +471,11 @@ async def relay_stream(ex: Exchange, chat: ChatRequest) -> web.StreamResponse:
             if out is None:
                 out = web.StreamResponse(status=200, headers=STREAM_HEADERS)
                 await out.prepare(ex.request)
-            last = f", last error {ex.last_problem[:80]}" if ex.last_problem else ""
+            last = ""
+            if ex.last_code:
+                problem = " ".join(ex.last_problem.split())  # a comment is one line
+                problem = problem[:60] + ("..." if len(problem) > 60 else "")
+                last = f", last error {ex.last_code}" + (f" ({problem})" if problem else "")
             await out.write(
                 comment(f"retrying, attempt {ex.history.attempts} of {max_attempts}{last}")
             )
@@ -495,9 +539,14 @@ async def pump(ex: Exchange, out: web.StreamResponse, reply: Reply) -> None:
     rewriting = state.rewriter.stream() if state.rewriter.has_response_rules else None
     observing = state.request_log.enabled and state.config.logging.include_response_data
     record = ex.record
+    interrupted: bytes | None = None
     try:
         async for event in upstream_events(reply):
             record.stream_events += 1
+            if b'"error"' in event:
+                interrupted = error_after_content(ex, event)
+                if interrupted is not None:
+                    break
             if rewriting is None and not observing:
                 await out.write(event + b"\n\n")
                 continue
@@ -534,13 +583,58 @@ async def pump(ex: Exchange, out: web.StreamResponse, reply: Reply) -> None:
         ex.outcome_note = f"stream failed after content: {kind}"
         record.error = message
         ex.error_event(kind, "StreamInterrupted", message, context={"after_content": True})
-        body = orjson.dumps(
-            {"error": {"message": text, "type": kind, "code": "stream_interrupted"}}
+        error_type = "timeout" if kind == "timeout" else "connection_error"
+        interrupted = orjson.dumps(
+            {"error": {"message": text, "type": error_type, "code": "stream_interrupted"}}
         )
-        await out.write(frame(body) + frame(DONE))
     finally:
         reply.close()
+    if interrupted is not None:
+        await out.write(frame(interrupted) + frame(DONE))
     await out.write_eof()
+
+
+def error_after_content(ex: Exchange, event: bytes) -> bytes | None:
+    """The client's error event for an upstream ``{"error": ...}`` event after content.
+
+    None when ``event`` is not an error event. Nothing can be retried once text
+    has reached the client: the decision core only supplies the upstream's own
+    message, or the hard-stop reply when a hard-stop rule matches.
+    """
+    data = event_data(event)
+    payload = parse_event(data)
+    if payload is None or not payload.get("error") or payload.get("choices"):
+        return None
+    text = (data or b"").decode("utf-8", "replace")
+    decision = decide(
+        Outcome(status=200, body=text, stream=True, stream_error_event=text),
+        ex.history,
+        ex.state.policy,
+        now=time.time(),
+    )
+    ex.outcome_note = "stream failed after content: error event"
+    ex.record.error = decision.upstream_message or decision.reason
+    ex.error_event(
+        "stream_error_event",
+        "StreamInterrupted",
+        ex.record.error,
+        response_text=text,
+        context={"after_content": True, "decision": decision.action.value},
+    )
+    if decision.action is Action.HARD_STOP:
+        return failure_body(ex, decision)
+    said = f": {decision.upstream_message}" if decision.upstream_message else ""
+    message = (
+        f"The upstream reported an error after the reply had started{said}. "
+        "The text above is incomplete; regenerate to retry."
+    )
+    error = {
+        "message": message,
+        "type": decision.error_type or "upstream_error",
+        "code": "stream_interrupted",
+    }
+    redactor = ex.state.redactor.with_secrets(header_secrets(ex.request.headers))
+    return orjson.dumps(redactor.obj({"error": error}))
 
 
 def parse_event(data: bytes | None) -> dict[str, Any] | None:

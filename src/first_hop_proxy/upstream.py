@@ -38,6 +38,7 @@ class Reply:
     splitter: EventSplitter | None = None
     events: list[bytes] = field(default_factory=list)
     first_content: bool = False
+    judged: int | None = None  # events up to the first content: what the decision sees
     error_event: bytes | None = None
     finish_reason: str | None = None
     content_at: float | None = None
@@ -53,8 +54,12 @@ class Reply:
             self.response = None
 
     def payloads(self) -> str:
-        """The data of the events read so far, for the decision rules to search."""
-        parts = [event_data(e) or b"" for e in self.events]
+        """The data of the events up to the first content, for the decision rules.
+
+        Events after it (read in the same chunk) belong to the delivered stream:
+        judging them would make the decision depend on how reads were split.
+        """
+        parts = [event_data(e) or b"" for e in self.events[: self.judged]]
         return b"\n".join(p for p in parts if p).decode("utf-8", "replace")
 
 
@@ -212,4 +217,6 @@ def _scan(reply: Reply, events: Any) -> bool:
             reply.error_event = data
             return True
         reply.first_content = content
+        if content:
+            reply.judged = len(reply.events)
     return reply.first_content
