@@ -1,0 +1,201 @@
+"""No key ever leaks: not into log files, console lines, client error bodies or /health/detailed.
+
+One proxy is configured with an upstream key in its Authorization header and in
+the target URL's query; the client sends a different key of its own. After a
+success, retries, a stream, a hard stop, a 401 whose body echoes the key back,
+a connection failure and a timeout, no output anywhere holds either key or any
+12-character piece of one.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import string
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from .conftest import StartProxy, chat_body, free_port
+from .fake_upstream import FakeUpstream, Hang, Json, Sse, chunk
+from .log_helpers import error_logs, request_logs, settle
+
+WINDOW = 12
+ALNUM = string.ascii_letters + string.digits
+
+
+def random_key(prefix: str, n: int = 40) -> str:
+    return prefix + "".join(secrets.choice(ALNUM) for _ in range(n))
+
+
+def windows(key: str) -> set[str]:
+    return {key[i : i + WINDOW] for i in range(len(key) - WINDOW + 1)}
+
+
+def leaks(text: str, pieces: set[str]) -> list[str]:
+    return sorted(p for p in pieces if p in text)
+
+
+class Outputs:
+    """Everything the proxy let out, by where it went."""
+
+    def __init__(self) -> None:
+        self.texts: dict[str, str] = {}
+
+    def add(self, where: str, text: str | bytes) -> None:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        self.texts[where] = self.texts.get(where, "") + text + "\n"
+
+
+@pytest.mark.timeout(60)
+async def test_no_key_or_piece_of_one_leaks_anywhere(
+    start_proxy: StartProxy,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    key = random_key("sk-test-")
+    client_key = random_key("cl-", 45)  # not key-shaped: only known-secret masking catches it
+    hard_stop = {"pattern": "content_policy", "user_message": "Blocked by policy."}
+    settings: dict[str, Any] = {
+        "target_proxy": {
+            "url": f"{upstream.chat_url}?key={key}",
+            "headers": {"Authorization": f"Bearer {key}"},
+        },
+        "server": {"debug": True},
+        "error_handling": {"hard_stop_conditions": {"rules": [hard_stop]}},
+        "circuit_breaker": {"enabled": False},
+        "error_logging": {"max_files": 1000},
+    }
+    proxy = await start_proxy(settings)
+    out = Outputs()
+    client_headers = {"Authorization": f"Bearer {client_key}", "X-Api-Key": client_key}
+
+    async def chat(body: Any, stream: bool = False) -> int:
+        data = body if isinstance(body, bytes) else orjson.dumps(body)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                proxy.url + "/v1/chat/completions",
+                data=data,
+                headers={"Content-Type": "application/json", **client_headers},
+            ) as resp,
+        ):
+            payload = await resp.read()
+            if resp.status >= 400 or b'"error"' in payload:
+                out.add(f"client error body {resp.status}", payload)
+            return resp.status
+
+    # the upstream also sees the client's X-Api-Key, and may echo it too
+    said = f"Incorrect API key provided: {key} (X-Api-Key {client_key})."
+    echo = {"error": {"message": said, "type": "auth"}}
+    # a success, with the client's key pasted into the prompt
+    assert await chat(chat_body(text=f"my key is {client_key}")) == 200
+    # retries whose error bodies echo the key, then success
+    upstream.queue(Json(503, echo), Json(503, echo, headers={"X-Key": key}), Json(200))
+    assert await chat(chat_body()) == 200
+    # a stream whose text carries the key, split across events
+    events = [chunk(role=True, text=""), chunk(key[:20]), chunk(key[20:]), chunk(finish="stop")]
+    upstream.queue(Sse(events))
+    assert await chat(chat_body(stream=True), stream=True) == 200
+    # a stream that fails after content with an error event quoting the key
+    events = [chunk(role=True, text=""), chunk("Hi"), {"error": {"message": said}}]
+    upstream.queue(Sse(events))
+    assert await chat(chat_body(stream=True), stream=True) == 200
+    # a hard stop: the original response (with the key) is preserved for the client
+    upstream.queue(Json(400, {"error": {"message": f"content_policy hit for {key}"}}))
+    assert await chat(chat_body()) == 400
+    # a 401 whose body echoes the key back
+    upstream.queue(Json(401, echo))
+    assert await chat(chat_body()) == 401
+    # same in a stream request
+    upstream.queue(Json(401, echo))
+    assert await chat(chat_body(stream=True), stream=True) == 401
+    # a request body that is not JSON, with the key in it
+    assert await chat(f'{{"messages": "{client_key}'.encode()) == 400
+    assert upstream.calls == 9
+
+    # a connection failure and a timeout, with the key in the URL of a dead upstream
+    dead = await start_proxy(
+        {
+            **settings,
+            "target_proxy": {
+                **settings["target_proxy"],
+                "url": f"http://127.0.0.1:{free_port()}/v1/chat/completions?key={key}",
+            },
+            "error_handling": {"max_retries": 1},
+        }
+    )
+    slow = await start_proxy(
+        {
+            **settings,
+            "target_proxy": {**settings["target_proxy"], "timeout": 0.2},
+            "error_handling": {"max_retries": 1},
+        }
+    )
+    upstream.queue(Hang(3), Hang(3))
+    for other, expected in ((dead, 502), (slow, 504)):
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                other.url + "/v1/chat/completions",
+                data=orjson.dumps(chat_body()),
+                headers=client_headers,
+            ) as resp,
+        ):
+            out.add(f"client error body {resp.status}", await resp.read())
+            assert resp.status == expected
+
+    for running in (proxy, dead, slow):
+        await settle(running)
+        async with aiohttp.ClientSession() as session:
+            for path in ("/health/detailed", "/logs/errors?limit=1000", "/logs/requests"):
+                async with session.get(running.url + path) as resp:
+                    out.add(path, await resp.read())
+            async with session.get(running.url + "/logs/errors?limit=1000") as resp:
+                listing = await resp.json()
+            for item in listing["files"]:
+                async with session.get(f"{running.url}/logs/errors/{item['name']}") as resp:
+                    assert resp.status == 200
+                    out.add("GET /logs/errors/{name}", await resp.read())
+            async with session.get(running.url + "/logs/requests") as resp:
+                entries = (await resp.json())["requests"]
+            for entry in entries:
+                async with session.get(f"{running.url}/logs/requests/{entry['id']}") as resp:
+                    assert resp.status == 200
+                    out.add("GET /logs/requests/{id}", await resp.read())
+
+    files = [p for p in (tmp_path / "logs").rglob("*") if p.is_file()]
+    assert len(request_logs(tmp_path / "logs")) == 8 + 2
+    errors = error_logs(tmp_path / "logs" / "errors")
+    codes = {p.name.split("_20")[0] for p in errors}
+    assert {"503", "hard_stop", "401", "bad_request", "connection_error", "timeout"} <= codes
+    for path in files:
+        out.add(f"file {path.relative_to(tmp_path)}", path.read_bytes())
+    for record in caplog.records:
+        out.add("console (logging)", record.getMessage())
+        if record.exc_text:
+            out.add("console (logging)", record.exc_text)
+    captured = capsys.readouterr()
+    out.add("stdout", captured.out)
+    out.add("stderr", captured.err)
+    out.add("caplog text", caplog.text)
+
+    # the outputs are not empty: the keys were masked, not the logs lost
+    assert any("sk-…" in text for text in out.texts.values())
+    assert any("Incorrect API key provided" in t for w, t in out.texts.items() if "file" in w)
+    assert any(w.startswith("client error body 401") for w in out.texts)
+    found = {}
+    for name, secret in (("upstream key", key), ("client key", client_key)):
+        pieces = windows(secret)
+        for where, text in out.texts.items():
+            hits = leaks(text, pieces)
+            if hits:
+                found[f"{name} in {where}"] = hits[0]
+    assert found == {}
