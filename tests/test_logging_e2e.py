@@ -681,3 +681,16 @@ async def test_console_debug_adds_detail(
     detail = "\n".join(lines)
     assert "attempt #1" in detail and "503" in detail and "retry" in detail
     assert "attempt #2" in detail and "deliver" in detail
+
+
+async def test_rule_timeout_error_log(
+    start_proxy: StartProxy, client: aiohttp.ClientSession, errors: Path
+) -> None:
+    rule = {"pattern": "(a|aa)+$", "replacement": "x", "apply_to": "user"}
+    proxy = await start_proxy({"regex_replacement": {"rules": [rule], "timeout_ms": 1}})
+    status, rid, _ = await post(client, proxy, chat_body(text="a" * 60 + "b"))
+    assert status == 200
+    await settle(proxy)
+    [path] = error_logs(errors, "rule_timeout")
+    details = error_details(path.read_text())
+    assert details["request_id"] == rid and details["error_type"] == "RuleTimeout"
