@@ -17,7 +17,7 @@ import pytest
 from first_hop_proxy.server import RunningServer
 
 from .conftest import StartProxy, chat_body
-from .fake_upstream import FakeUpstream, Json, Reset, completion
+from .fake_upstream import FakeUpstream, Hang, Json, Reset, completion
 
 CHAT = "/v1/chat/completions"
 RECOVERY = 0.3
@@ -213,6 +213,46 @@ async def test_retrying_request_waits_for_the_probe(
     assert RECOVERY - 0.02 <= gap < RECOVERY + 0.3, gap
     assert time.monotonic() - began < 1.5
     assert (await breaker(client, proxy))["state"] == "closed"
+
+
+@pytest.mark.parametrize("kind", ["503", "429", "reset", "timeout", "invalid_json"])
+async def test_failures_that_count(
+    start_proxy: StartProxy, upstream: FakeUpstream, client: aiohttp.ClientSession, kind: str
+) -> None:
+    settings = breaker_settings(threshold=2)
+    settings["target_proxy"] = {"timeout": 0.2}
+    proxy = await start_proxy(settings)
+    upstream.default = {
+        "503": Json(503),
+        "429": Json(429),
+        "reset": Reset(),
+        "timeout": Hang(),
+        "invalid_json": Json(200, "<html>Bad gateway</html>"),
+    }[kind]
+    for _ in range(2):
+        status, _, body = await ask(client, proxy)
+        assert body["error"]["type"] != "circuit_open"
+    assert upstream.calls == 2
+    assert (await breaker(client, proxy))["state"] == "open"
+    status, _, body = await ask(client, proxy)
+    assert status == 503 and body["error"]["type"] == "circuit_open"
+    assert upstream.calls == 2
+
+
+async def test_client_leaving_does_not_count(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = await start_proxy(breaker_settings(threshold=1))
+    upstream.default = Hang(5)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.2)) as short:
+        with pytest.raises(asyncio.TimeoutError):
+            await ask(short, proxy)
+    await asyncio.sleep(0.05)
+    async with aiohttp.ClientSession() as session:
+        state = await breaker(session, proxy)
+    assert upstream.calls == 1
+    assert state["state"] == "closed"
+    assert state["consecutive_failures"] == 0
 
 
 @pytest.mark.parametrize("kind", ["client_error", "hard_stop", "empty"])

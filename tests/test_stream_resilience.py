@@ -236,7 +236,7 @@ async def test_stream_hard_stop_before_commit(
     assert error["message"] == FIX_MESSAGE
     assert error["type"] == "hard_stop_error"
     assert error["code"] == "hard_stop_condition_met"
-    assert BROKEN_MIDDLEWARE in error["original_response"]
+    assert error["original_response"] == orjson.dumps(error_body).decode()
 
 
 async def test_stream_recategorized_event_is_retried(
@@ -298,6 +298,34 @@ async def test_keepalive_comments_on_schedule_then_content(
     text = body.split("\n\n", len(comments))[-1]
     assert text.encode() == wire(GOOD)
     assert content_of(body) == "Hello world"
+
+
+async def test_keepalive_count_never_exceeds_its_total(
+    start_proxy: StartProxy, upstream: FakeUpstream, client: aiohttp.ClientSession
+) -> None:
+    """Empty replies have their own budget: more attempts than max_retries + 1."""
+    proxy = await start_proxy(
+        {
+            "error_handling": {
+                "stream_keepalive_seconds": 0.05,
+                "max_retries": 1,
+                "empty_response": {"max_retries": 3},
+            }
+        }
+    )
+    upstream.default = Sse([chunk(role=True, text=""), chunk(finish="stop")], gap=0.06)
+    status, _, body = await stream(client, proxy)
+    assert upstream.calls == 4
+    assert status == 200
+    numbers = []
+    for line in comments_of(body):
+        n, total = line.split("attempt ")[1].split(",")[0].split(" of ")
+        assert int(n) <= int(total), line
+        numbers.append(int(n))
+    assert numbers[-1] == 4
+    events = data_events(body)
+    assert events[-1] == "[DONE]"
+    assert orjson.loads(events[0])["error"]["type"] == "empty_response"
 
 
 async def test_no_keepalive_when_content_comes_in_time(

@@ -542,9 +542,10 @@ class _Judge:
     # rule 2
     def hard_stop(self) -> Decision | None:
         o = self.outcome
+        # A stream's error event first: it is the original response worth preserving.
         texts = [o.body]
         if o.stream_error_event is not None:
-            texts.append(o.stream_error_event)
+            texts.insert(0, o.stream_error_event)
         for stop in self.policy.hard_stops:
             for text in texts:
                 if text and stop.pattern.search(text, 0, SCAN_LIMIT) is not None:

@@ -230,8 +230,8 @@ def finish(ex: Exchange, status: int) -> None:
         (chat.model or "-") if chat else "-",
         "stream" if chat and chat.stream else "json",
         status,
-        ex.history.attempts if record.attempts else 0,
-        "" if ex.history.attempts == 1 else "s",
+        ex.calls,
+        "" if ex.calls == 1 else "s",
         record.duration or 0.0,
         note,
     )
@@ -476,9 +476,9 @@ async def relay_stream(ex: Exchange, chat: ChatRequest) -> web.StreamResponse:
                 problem = " ".join(ex.last_problem.split())  # a comment is one line
                 problem = problem[:60] + ("..." if len(problem) > 60 else "")
                 last = f", last error {ex.last_code}" + (f" ({problem})" if problem else "")
-            await out.write(
-                comment(f"retrying, attempt {ex.history.attempts} of {max_attempts}{last}")
-            )
+            n = ex.history.attempts
+            # Empty and conditional retries have budgets of their own: never "5 of 3".
+            await out.write(comment(f"retrying, attempt {n} of {max(max_attempts, n)}{last}"))
         decision, reply = finder.result()
     finally:
         if not finder.done():
