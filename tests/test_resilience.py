@@ -698,3 +698,67 @@ async def test_client_leaving_cancels_the_upstream_attempt(
     assert upstream.disconnects
     await asyncio.sleep(0.2)
     assert upstream.calls == 1
+
+
+# -- the spec's own example config ------------------------------------------------
+
+
+async def spec_proxy(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Any, **extra: Any
+) -> RunningServer:
+    import yaml
+
+    from .conftest import SPEC_CONFIG, merge
+
+    spec = yaml.safe_load(SPEC_CONFIG.read_text())
+    fast = {
+        "target_proxy": {"url": upstream.chat_url, "headers": {}},
+        "error_handling": {"base_delay": 0.01, "max_delay": 0.05},
+        "logging": {"folder": str(tmp_path / "logs")},
+        "error_logging": {"folder": str(tmp_path / "logs" / "errors")},
+    }
+    return await start_proxy(merge(merge(spec, fast), extra))
+
+
+async def test_spec_config_retries_overloaded_200(
+    start_proxy: StartProxy, upstream: FakeUpstream, client: aiohttp.ClientSession, tmp_path: Any
+) -> None:
+    proxy = await spec_proxy(start_proxy, upstream, tmp_path)
+    upstream.queue(Json(200, OVERLOADED), Json(200, completion("Recovered")))
+    answer = await ask(client, proxy)
+    assert upstream.calls == 2
+    assert answer.status == 200
+
+
+async def test_spec_config_hard_stop(
+    start_proxy: StartProxy, upstream: FakeUpstream, client: aiohttp.ClientSession, tmp_path: Any
+) -> None:
+    proxy = await spec_proxy(start_proxy, upstream, tmp_path)
+    body = {"error": {"message": BROKEN_MIDDLEWARE}}
+    upstream.default = Json(500, body)
+    answer = await ask(client, proxy)
+    assert upstream.calls == 1
+    assert answer.status == 500
+    error = answer.error
+    assert error["type"] == "hard_stop_error"
+    assert error["code"] == "hard_stop_condition_met"
+    assert error["message"].startswith("Your previous message contains characters")
+    assert error["original_response"] == orjson.dumps(body).decode()
+
+
+@pytest.mark.parametrize(("status", "calls"), [(404, 3), (400, 1), (401, 1), (503, 11), (418, 1)])
+async def test_spec_config_status_lists(
+    start_proxy: StartProxy,
+    upstream: FakeUpstream,
+    client: aiohttp.ClientSession,
+    tmp_path: Any,
+    status: int,
+    calls: int,
+) -> None:
+    """The spec lists 418 as both fail and conditional: fail wins. (The breaker is off:
+    its default threshold of 5 would stop a lone request's retries; see test_breaker_e2e.)"""
+    proxy = await spec_proxy(start_proxy, upstream, tmp_path, circuit_breaker={"enabled": False})
+    upstream.default = Json(status)
+    answer = await ask(client, proxy)
+    assert upstream.calls == calls
+    assert answer.status == status
