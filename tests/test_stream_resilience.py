@@ -328,6 +328,32 @@ async def test_keepalive_count_never_exceeds_its_total(
     assert orjson.loads(events[0])["error"]["type"] == "empty_response"
 
 
+async def test_plain_json_reply_after_keepalive_commit_is_one_event(
+    start_proxy: StartProxy, upstream: FakeUpstream, client: aiohttp.ClientSession
+) -> None:
+    """An upstream that ignores "stream" answers JSON; after a commit it goes out as one
+    event, even when the upstream pretty-printed it over many lines."""
+    import json
+
+    proxy = await start_proxy({"error_handling": {"stream_keepalive_seconds": 0.1}})
+    reply = {
+        "id": "x",
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"}}],
+    }
+    pretty = json.dumps(reply, indent=2)
+    upstream.queue(Json(503, delay=0.15), Json(200, pretty))
+    status, _, body = await stream(client, proxy)
+    assert upstream.calls == 2
+    assert status == 200
+    events = data_events(body)
+    assert events[-1] == "[DONE]"
+    assert len(events) == 2
+    assert orjson.loads(events[0]) == reply
+    for line in body.split("\n"):
+        assert line == "" or line.startswith((":", "data: ")), line
+
+
 async def test_no_keepalive_when_content_comes_in_time(
     start_proxy: StartProxy, upstream: FakeUpstream, client: aiohttp.ClientSession
 ) -> None:

@@ -504,7 +504,7 @@ async def relay_stream(ex: Exchange, chat: ChatRequest) -> web.StreamResponse:
                 body=reply.body,
                 headers=client_headers(reply.headers.items()),
             )
-        await out.write(frame(reply.body.strip() or b"{}") + frame(DONE))
+        await out.write(frame(one_line(reply.body)) + frame(DONE))
         await out.write_eof()
         return out
     if out is None:
@@ -512,6 +512,14 @@ async def relay_stream(ex: Exchange, chat: ChatRequest) -> web.StreamResponse:
         await out.prepare(ex.request)
     await pump(ex, out, reply)
     return out
+
+
+def one_line(body: bytes) -> bytes:
+    """A JSON body as one SSE data line: a pretty-printed body would break the framing."""
+    try:
+        return orjson.dumps(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        return b" ".join(body.split()) or b"{}"
 
 
 async def upstream_events(reply: Reply) -> AsyncIterator[bytes]:
