@@ -478,7 +478,8 @@ async def relay_stream(ex: Exchange, chat: ChatRequest) -> web.StreamResponse:
                 last = f", last error {ex.last_code}" + (f" ({problem})" if problem else "")
             n = ex.history.attempts
             # Empty and conditional retries have budgets of their own: never "5 of 3".
-            await out.write(comment(f"retrying, attempt {n} of {max(max_attempts, n)}{last}"))
+            doing = "retrying" if ex.last_code else "waiting for the first token"
+            await out.write(comment(f"{doing}, attempt {n} of {max(max_attempts, n)}{last}"))
         decision, reply = finder.result()
     finally:
         if not finder.done():
