@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import string
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -392,6 +392,24 @@ def _text_slots(content: Any) -> list[tuple[Any, Any]]:
     return slots
 
 
+def _rewrite_body(
+    body: bytes, rule_count: int, rewrite: Callable[[dict[str, Any]], Rewrite]
+) -> BodyRewrite:
+    """Parse ``body``, ``rewrite`` the payload in place, serialize once only if it changed."""
+    result = BodyRewrite([0] * rule_count, body=body)
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return result
+    if not isinstance(payload, dict):
+        return result
+    report = rewrite(payload)
+    result.counts, result.timeouts, result.changed = report.counts, report.timeouts, report.changed
+    if report.changed:
+        result.body = orjson.dumps(payload)
+    return result
+
+
 class Rewriter:
     """Both rule sections, compiled once; safe to share between requests and threads."""
 
@@ -482,24 +500,9 @@ class Rewriter:
 
         A body that is not a JSON object passes untouched: the server answers it.
         """
-        result = BodyRewrite([0] * self._request_count, body=body)
         if not self.has_request_rules:
-            return result
-        try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return result
-        if not isinstance(payload, dict):
-            return result
-        report = self.rewrite_messages(payload)
-        result.counts, result.timeouts, result.changed = (
-            report.counts,
-            report.timeouts,
-            report.changed,
-        )
-        if report.changed:
-            result.body = orjson.dumps(payload)
-        return result
+            return BodyRewrite([0] * self._request_count, body=body)
+        return _rewrite_body(body, self._request_count, self.rewrite_messages)
 
     async def rewrite_messages_async(self, payload: dict[str, Any]) -> Rewrite:
         """:meth:`rewrite_messages` in a worker thread (inline when there are no rules)."""
@@ -535,24 +538,9 @@ class Rewriter:
 
     def rewrite_response(self, body: bytes) -> BodyRewrite:
         """Rewrite a non-streaming reply body; ``result.body is body`` when unchanged."""
-        result = BodyRewrite([0] * self._response_count, body=body)
         if not self.has_response_rules:
-            return result
-        try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return result
-        if not isinstance(payload, dict):
-            return result
-        report = self.rewrite_response_payload(payload)
-        result.counts, result.timeouts, result.changed = (
-            report.counts,
-            report.timeouts,
-            report.changed,
-        )
-        if report.changed:
-            result.body = orjson.dumps(payload)
-        return result
+            return BodyRewrite([0] * self._response_count, body=body)
+        return _rewrite_body(body, self._response_count, self.rewrite_response_payload)
 
     async def rewrite_response_async(self, body: bytes) -> BodyRewrite:
         """:meth:`rewrite_response` in a worker thread (inline when there are no rules)."""
