@@ -1,0 +1,177 @@
+"""The attempt loop: attempt, ask the decision core, and do what it says.
+
+This is the I/O shell around :func:`decisions.decide`; the circuit breaker is
+asked before every attempt and told the result of each, and every attempt is
+recorded in the request log (and in the error log when it went wrong).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+from .decisions import Action, Decision, Outcome, circuit_open, decide
+from .exchange import Exchange
+from .request_log import AttemptRecord
+from .upstream import Reply
+
+log = logging.getLogger("first_hop_proxy")
+
+DEBUG_TEXT = 300  # characters of upstream text in a debug line
+
+Attempt = Callable[[], Awaitable[Reply]]
+
+
+def outcome_of(reply: Reply, stream: bool) -> Outcome:
+    """What the decision core needs to know about one attempt."""
+    is_stream = (stream and reply.splitter is not None) or bool(reply.events)
+    error_event = reply.error_event.decode("utf-8", "replace") if reply.error_event else None
+    return Outcome(
+        status=reply.status,
+        headers={k.lower(): v for k, v in reply.headers.items()},
+        body=reply.payloads() if is_stream else reply.body.decode("utf-8", "replace"),
+        stream=is_stream,
+        first_content=reply.first_content,
+        finish_reason=reply.finish_reason,
+        stream_error_event=error_event,
+        transport_error=reply.error,  # type: ignore[arg-type]
+        transport_message=reply.message,
+    )
+
+
+async def attempt_until_decided(ex: Exchange, attempt: Attempt) -> tuple[Decision, Reply | None]:
+    """Attempt, ask the decision core, and retry while it says so.
+
+    Returns the final decision (DELIVER, FAIL or HARD_STOP) and the reply it is
+    about. The circuit breaker is asked before every attempt and told the
+    result of each.
+    """
+    state = ex.state
+    breaker, policy = state.breaker, state.policy
+    while True:
+        permit = breaker.acquire(time.monotonic())
+        state.breaker_moved(permit.transition)
+        if not permit:
+            wait = None
+            if ex.history.attempts > 1 or ex.record.attempts:
+                budget = policy.max_delay
+                if policy.max_total_seconds is not None:
+                    budget = min(budget, policy.max_total_seconds - ex.elapsed())
+                wait = breaker.wait_or_fail(time.monotonic(), budget)
+            if wait is None:
+                decision = circuit_open(
+                    breaker.retry_in(time.monotonic()),
+                    breaker.consecutive_failures,
+                    ex.last_problem,
+                )
+                ex.error_event("circuit_open", "CircuitOpen", decision.reason, status_code=503)
+                return decision, None
+            await asyncio.sleep(max(wait, 0.01))
+            continue
+        began = time.monotonic()
+        ex.calls += 1
+        try:
+            reply = await attempt()
+        except BaseException:
+            breaker.release(time.monotonic(), permit)
+            raise
+        duration = time.monotonic() - began
+        decision = decide(
+            outcome_of(reply, ex.chat.stream if ex.chat else False),
+            ex.history.at(ex.elapsed()),
+            policy,
+            jitter=random.random(),
+            now=time.time(),
+        )
+        now = time.monotonic()
+        if decision.counts_as_failure:
+            state.breaker_moved(breaker.record_failure(now, permit))
+        else:
+            state.breaker_moved(breaker.record_success(now, permit))
+        note_attempt(ex, reply, decision, duration)
+        if decision.action is not Action.RETRY:
+            return decision, reply
+        reply.close()
+        state.counters.retries += 1
+        ex.history = ex.history.after(decision)
+        await asyncio.sleep(decision.delay)
+
+
+def note_attempt(ex: Exchange, reply: Reply, decision: Decision, duration: float) -> None:
+    """Record one attempt in the request log, and in the error log when it went wrong."""
+    recat = decision.recategorized
+    recat_text = f"{recat.old} -> {recat.new} (pattern {recat.pattern!r})" if recat else ""
+    problem = reply.message or decision.upstream_message
+    attempt = ex.record.add_attempt(
+        status=reply.status,
+        duration=duration,
+        action=decision.action.value,
+        reason=decision.reason,
+        error=problem if decision.action is not Action.DELIVER else "",
+        recategorization=recat_text,
+    )
+    if decision.action is Action.RETRY:
+        attempt.delay_before_next = decision.delay
+    if ex.state.config.server.debug:
+        debug_attempt(ex, attempt)
+    if recat is not None and ex.state.config.response_parsing.logging.log_recategorization:
+        parsing_log = ex.state.config.response_parsing.logging
+        if parsing_log.enabled:
+            ex.error_event(
+                "recategorized",
+                "StatusRecategorized",
+                f"status {recat.old} treated as {recat.new}",
+                status_code=reply.status,
+                context={
+                    "original_status": recat.old if parsing_log.include_original_status else None,
+                    "new_status": recat.new if parsing_log.include_new_status else None,
+                    "matched_pattern": recat.pattern
+                    if parsing_log.include_matched_pattern
+                    else None,
+                },
+            )
+    if decision.action is Action.DELIVER:
+        return
+    code: str | int = reply.error or (decision.status if reply.status is not None else "error")
+    if decision.action is Action.HARD_STOP:
+        code = "hard_stop"
+    elif decision.error_type == "empty_response":
+        code = "empty_response"
+    elif reply.error is None and decision.error_type == "connection_error":
+        code = "invalid_json"  # the upstream answered, but not with JSON
+    ex.last_problem = problem or decision.reason
+    ex.last_code = str(code)
+    retrying = decision.action is Action.RETRY
+    ex.error_event(
+        code,
+        decision.error_type or "UpstreamError",
+        decision.reason + (f": {problem}" if problem else ""),
+        status_code=reply.status,
+        headers={str(k): v for k, v in reply.headers.items()} or None,
+        response_text=reply.body or reply.payloads() or None,
+        retry_attempt=ex.history.attempts if retrying else None,
+        retry_delay=decision.delay if retrying else None,
+        context={"decision": decision.action.value, "attempt": ex.history.attempts},
+    )
+
+
+def debug_attempt(ex: Exchange, attempt: AttemptRecord) -> None:
+    """``server.debug``: one console line per upstream attempt, secrets masked."""
+    redact = ex.redactor().text
+    status = attempt.status if attempt.status is not None else "no response"
+    error = f"; error: {redact(attempt.error)[:DEBUG_TEXT]}" if attempt.error else ""
+    delay = attempt.delay_before_next
+    log.debug(
+        "%s attempt #%d: %s in %.3f s -> %s (%s)%s%s",
+        ex.request_id,
+        attempt.number,
+        status,
+        attempt.duration or 0.0,
+        attempt.action,
+        redact(attempt.reason)[:DEBUG_TEXT],
+        f", next in {delay:.2f} s" if delay is not None else "",
+        error,
+    )

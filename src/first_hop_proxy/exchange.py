@@ -1,0 +1,109 @@
+"""One client request on its way through the proxy, and the error reply it may end with."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+from .decisions import Decision, History, error_body
+from .error_log import ErrorEvent
+from .redact import Redactor, header_secrets
+from .request_log import RequestRecord
+from .rewrite import RuleTimeout
+from .state import State
+
+log = logging.getLogger("first_hop_proxy")
+
+
+@dataclass(slots=True, eq=False)
+class ChatRequest:
+    """A checked chat request, ready to forward."""
+
+    body: bytes
+    payload: dict[str, Any]
+    headers: CIMultiDict[str]
+    stream: bool
+    model: str
+
+
+@dataclass(slots=True, eq=False)
+class Exchange:
+    """One client request on its way through the proxy, and what happened to it."""
+
+    state: State
+    request: web.Request
+    record: RequestRecord
+    chat: ChatRequest | None = None
+    history: History = field(default_factory=History)
+    started: float = field(default_factory=time.monotonic)
+    last_problem: str = ""
+    last_code: str = ""  # the last failed attempt's status or failure kind, for keep-alives
+    calls: int = 0  # upstream attempts made (a retry the breaker refused is not one)
+    outcome_note: str = ""
+
+    @property
+    def request_id(self) -> str:
+        return self.record.request_id
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def client_secrets(self) -> list[str]:
+        return header_secrets(self.request.headers)
+
+    def redactor(self) -> Redactor:
+        """The proxy's redactor, also masking the key this client sent."""
+        return self.state.redactor.with_secrets(self.client_secrets())
+
+    def rule_timeouts(self, timeouts: list[RuleTimeout]) -> None:
+        """Rewrite rules that ran out of time: a console warning and an error log each."""
+        for timeout in timeouts:
+            log.warning("[%s] %s", self.request_id, timeout)
+            self.error_event("rule_timeout", "RuleTimeout", str(timeout))
+
+    def error_event(self, code: str | int, error_type: str, message: str, **fields: Any) -> None:
+        """Send one event to the error log, with this request's context filled in."""
+        chat = self.chat
+        self.state.error_log.log(
+            ErrorEvent(
+                code,
+                error_type,
+                message,
+                request_id=self.request_id,
+                method=self.request.method,
+                path=self.request.path,
+                model=chat.model if chat else None,
+                stream=chat.stream if chat else None,
+                client=self.request.remote,
+                elapsed=self.elapsed(),
+                url=self.state.redactor.url(self.state.target_url),
+                secrets=[*self.record.secrets, *self.client_secrets()],
+                **fields,
+            )
+        )
+
+
+def failure_body(ex: Exchange, decision: Decision) -> bytes:
+    """The error the client gets; an upstream text quoted in it may echo a key: masked."""
+    return orjson.dumps(ex.redactor().obj(error_body(decision, ex.calls, ex.elapsed())))
+
+
+def failure_response(ex: Exchange, decision: Decision) -> web.Response:
+    """A FAIL or HARD_STOP decision, as the JSON error the client gets."""
+    headers = {}
+    if decision.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(decision.retry_after)))
+    ex.outcome_note = decision.error_type or "failed"
+    ex.record.error = decision.reason
+    return web.Response(
+        status=decision.client_status,
+        body=failure_body(ex, decision),
+        content_type="application/json",
+        headers=headers,
+    )

@@ -1,0 +1,259 @@
+"""Relaying a stream: held back until its first content, then passed on event by event.
+
+Until the first content arrives nothing is committed, so failures are retried
+unseen; a failure after content can only be told to the client as an error
+event followed by ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .attempts import attempt_until_decided
+from .decisions import Action, Outcome, decide
+from .exchange import ChatRequest, Exchange, failure_body, failure_response
+from .headers import client_headers
+from .request_log import RequestRecord
+from .sse import DONE, comment, event_data, frame
+from .upstream import TRANSPORT_ERRORS, Reply, describe_failure, open_stream
+
+STREAM_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+async def relay_stream(ex: Exchange, chat: ChatRequest) -> web.StreamResponse:
+    """Find an upstream stream worth delivering, keeping the client's line alive meanwhile.
+
+    Until the first content arrives nothing is committed, so failures are
+    retried unseen. If that takes longer than ``stream_keepalive_seconds``, the
+    response is committed and an SSE comment goes out every interval: clients
+    ignore comments, and nothing in between times out. A failure after that
+    commit can only be reported as an error event.
+    """
+    state = ex.state
+    timeout = state.config.target_proxy.timeout
+    interval = state.config.error_handling.stream_keepalive_seconds
+    max_attempts = state.policy.max_retries + 1
+
+    def attempt() -> Awaitable[Reply]:
+        return open_stream(state.session, state.target_url, chat.body, chat.headers, timeout)
+
+    finder = asyncio.ensure_future(attempt_until_decided(ex, attempt))
+    out: web.StreamResponse | None = None
+    try:
+        while True:
+            done, _ = await asyncio.wait({finder}, timeout=interval)
+            if done:
+                break
+            if out is None:
+                out = web.StreamResponse(status=200, headers=STREAM_HEADERS)
+                await out.prepare(ex.request)
+            last = ""
+            if ex.last_code:
+                problem = " ".join(ex.last_problem.split())  # a comment is one line
+                problem = problem[:60] + ("..." if len(problem) > 60 else "")
+                last = f", last error {ex.last_code}" + (f" ({problem})" if problem else "")
+            n = ex.history.attempts
+            # Empty and conditional retries have budgets of their own: never "5 of 3".
+            doing = "retrying" if ex.last_code else "waiting for the first token"
+            await out.write(comment(f"{doing}, attempt {n} of {max(max_attempts, n)}{last}"))
+        decision, reply = finder.result()
+    finally:
+        if not finder.done():
+            finder.cancel()
+            with contextlib.suppress(BaseException):
+                await finder
+    if decision.action is not Action.DELIVER or reply is None:
+        if reply is not None:
+            reply.close()
+        if out is None:
+            return failure_response(ex, decision)
+        ex.outcome_note = decision.error_type or "failed"
+        ex.record.error = decision.reason
+        await out.write(frame(failure_body(ex, decision)) + frame(DONE))
+        await out.write_eof()
+        return out
+    if not (reply.events or reply.response):
+        # A non-stream reply to a stream request (the upstream ignored "stream"): relay as is.
+        ex.record.response_body = reply.body
+        if out is None:
+            return web.Response(
+                status=reply.status or 200,
+                body=reply.body,
+                headers=client_headers(reply.headers.items()),
+            )
+        await out.write(frame(one_line(reply.body)) + frame(DONE))
+        await out.write_eof()
+        return out
+    if out is None:
+        out = web.StreamResponse(status=200, headers=STREAM_HEADERS)
+        await out.prepare(ex.request)
+    await pump(ex, out, reply)
+    return out
+
+
+def one_line(body: bytes) -> bytes:
+    """A JSON body as one SSE data line: a pretty-printed body would break the framing."""
+    try:
+        return orjson.dumps(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        return b" ".join(body.split()) or b"{}"
+
+
+async def upstream_events(reply: Reply) -> AsyncIterator[bytes]:
+    """The events read before the first content, then the rest as they arrive."""
+    for event in reply.events:
+        yield event
+    resp, splitter = reply.response, reply.splitter
+    if resp is None or splitter is None:
+        return
+    async for chunk in resp.content.iter_any():
+        for event in splitter.feed(chunk):
+            yield event
+    rest = splitter.flush()
+    if rest is not None:
+        yield rest
+
+
+async def pump(ex: Exchange, out: web.StreamResponse, reply: Reply) -> None:
+    """Relay a stream that has content, each event written as soon as it is read.
+
+    Events are parsed only when something needs their content: response
+    rewrite rules, or the request log's record of the assembled text.
+    """
+    state = ex.state
+    rewriting = state.rewriter.stream() if state.rewriter.has_response_rules else None
+    observing = state.request_log.enabled and state.config.logging.include_response_data
+    record = ex.record
+    interrupted: bytes | None = None
+    try:
+        async for event in upstream_events(reply):
+            record.stream_events += 1
+            if b'"error"' in event:
+                interrupted = error_after_content(ex, event)
+                if interrupted is not None:
+                    break
+            if rewriting is None and not observing:
+                await out.write(event + b"\n\n")
+                continue
+            data = event_data(event)
+            payload = parse_event(data)
+            if payload is None:
+                if data == DONE and rewriting is not None:
+                    for chunk in rewriting.flush():
+                        observe(record, chunk)
+                        await out.write(frame(orjson.dumps(chunk)))
+                await out.write(event + b"\n\n")
+                continue
+            if rewriting is None:
+                observe(record, payload)
+                await out.write(event + b"\n\n")
+                continue
+            for chunk in rewriting.feed(payload):
+                observe(record, chunk)
+                await out.write(frame(orjson.dumps(chunk)))
+        if rewriting is not None:
+            for chunk in rewriting.flush():
+                observe(record, chunk)
+                await out.write(frame(orjson.dumps(chunk)))
+            ex.rule_timeouts(rewriting.timeouts)
+    except TRANSPORT_ERRORS as exc:
+        transport = ex.request.transport
+        if transport is None or transport.is_closing():
+            raise  # the client left: nobody to tell
+        kind, message = describe_failure(
+            exc, ex.state.target_url, state.config.target_proxy.timeout
+        )
+        text = (
+            f"The reply was cut off: {message} The text above is incomplete; regenerate to retry."
+        )
+        ex.outcome_note = f"stream failed after content: {kind}"
+        record.error = message
+        ex.error_event(kind, "StreamInterrupted", message, context={"after_content": True})
+        error_type = "timeout" if kind == "timeout" else "connection_error"
+        interrupted = orjson.dumps(
+            {"error": {"message": text, "type": error_type, "code": "stream_interrupted"}}
+        )
+    finally:
+        reply.close()
+    if interrupted is not None:
+        await out.write(frame(interrupted) + frame(DONE))
+    await out.write_eof()
+
+
+def error_after_content(ex: Exchange, event: bytes) -> bytes | None:
+    """The client's error event for an upstream ``{"error": ...}`` event after content.
+
+    None when ``event`` is not an error event. Nothing can be retried once text
+    has reached the client: the decision core only supplies the upstream's own
+    message, or the hard-stop reply when a hard-stop rule matches.
+    """
+    data = event_data(event)
+    payload = parse_event(data)
+    if payload is None or not payload.get("error") or payload.get("choices"):
+        return None
+    text = (data or b"").decode("utf-8", "replace")
+    decision = decide(
+        Outcome(status=200, body=text, stream=True, stream_error_event=text),
+        ex.history,
+        ex.state.policy,
+        now=time.time(),
+    )
+    ex.outcome_note = "stream failed after content: error event"
+    ex.record.error = decision.upstream_message or decision.reason
+    ex.error_event(
+        "stream_error_event",
+        "StreamInterrupted",
+        ex.record.error,
+        response_text=text,
+        context={"after_content": True, "decision": decision.action.value},
+    )
+    if decision.action is Action.HARD_STOP:
+        return failure_body(ex, decision)
+    said = f": {decision.upstream_message}" if decision.upstream_message else ""
+    message = (
+        f"The upstream reported an error after the reply had started{said}. "
+        "The text above is incomplete; regenerate to retry."
+    )
+    error = {
+        "message": message,
+        "type": decision.error_type or "upstream_error",
+        "code": "stream_interrupted",
+    }
+    return orjson.dumps(ex.redactor().obj({"error": error}))
+
+
+def parse_event(data: bytes | None) -> dict[str, Any] | None:
+    if not data or data == DONE:
+        return None
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def observe(record: RequestRecord, payload: dict[str, Any]) -> None:
+    """Keep the assembled text and finish reasons of a streamed reply for the log."""
+    for choice in payload.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        index = choice.get("index", 0)
+        index = index if isinstance(index, int) else 0
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            content = delta.get("content")
+            if isinstance(content, str) and content:
+                record.add_stream_text(index, content)
+        if choice.get("finish_reason"):
+            record.finish_reasons[index] = choice["finish_reason"]
