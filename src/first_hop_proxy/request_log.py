@@ -360,9 +360,18 @@ class RequestLog:
                 len(self._files) > self.cfg.max_files or self._files[0][0] < cutoff
             ):
                 doomed.append(self._files.popleft()[1])
-            names = {path.name for path in doomed}
-            for request_id in [k for k, e in self._index.items() if e.file in names]:
-                del self._index[request_id]
+            if doomed:
+                # The index is in write order like self._files, so the doomed entries
+                # are at its front: stop once all are found instead of scanning it all.
+                names = {path.name for path in doomed}
+                stale: list[str] = []
+                for request_id, entry in self._index.items():
+                    if entry.file in names:
+                        stale.append(request_id)
+                        if len(stale) == len(names):
+                            break
+                for request_id in stale:
+                    del self._index[request_id]
         for path in doomed:
             try:
                 path.unlink(missing_ok=True)
