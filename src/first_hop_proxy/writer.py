@@ -36,13 +36,17 @@ def write_new_file(path: str | os.PathLike[str], text: str | Callable[[str], str
     file name, for files that mention their own name.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     for n in range(1, MAX_NAME_SUFFIX):
         candidate = target if n == 1 else target.with_name(f"{target.stem}_{n}{target.suffix}")
         try:
             f = open(candidate, "xb")  # noqa: SIM115 - closed below
         except FileExistsError:
             continue
+        except FileNotFoundError:
+            # The folder is made on first need (or again, if someone removed it),
+            # not checked before every write.
+            target.parent.mkdir(parents=True, exist_ok=True)
+            f = open(candidate, "xb")  # noqa: SIM115 - closed below
         try:
             with f:
                 content = text(candidate.name) if callable(text) else text
