@@ -367,7 +367,7 @@ def test_match_split_across_two_and_five_events(at: int) -> None:
 
 
 def test_stream_holds_back_at_most_max_match_chars() -> None:
-    rw = Rewriter((), [in_rule("cat", "dog")], max_match_chars=4)
+    rw = Rewriter((), [in_rule("c[a]t", "dog")], max_match_chars=4)
     stream = rw.stream()
     assert stream.feed(chunk("abc")) == []  # all held back: chunk dropped
     [out] = stream.feed(chunk("defgh"))
@@ -378,6 +378,33 @@ def test_stream_holds_back_at_most_max_match_chars() -> None:
     assert tail["id"] == "chatcmpl-0" and tail["object"] == "chat.completion.chunk"
 
 
+def test_literal_rules_hold_back_only_what_could_still_match() -> None:
+    """With literal rules a stream is not held back by max_match_chars: only the
+    tail that is the start of a literal waits for the next event."""
+    rw = Rewriter((), [in_rule("cat", "dog")], max_match_chars=64)
+    stream = rw.stream()
+    [out] = stream.feed(chunk("the big c"))
+    assert out["choices"][0]["delta"]["content"] == "the big "
+    [out] = stream.feed(chunk("at ran"))
+    assert out["choices"][0]["delta"]["content"] == "dog ran"
+    [out] = stream.feed(chunk(" ca"))
+    assert out["choices"][0]["delta"]["content"] == " "
+    [out] = stream.feed(chunk("r!"))
+    assert out["choices"][0]["delta"]["content"] == "car!"
+    assert stream.flush() == []
+
+
+def test_chained_literal_rules_hold_from_an_output_character() -> None:
+    """A later rule may match across an earlier rule's output: text from such a
+    character on waits, and the stream still equals the whole reply."""
+    rules = [in_rule("a", "b"), in_rule("bc", "X")]
+    rw = Rewriter((), rules, max_match_chars=8)
+    assert stream_text(rw, ["xa", "c", "yb", "cz"]) == rw.rewrite_text("xacybcz", response=True)[0]
+    stream = rw.stream()
+    [out] = stream.feed(chunk("hello a"))
+    assert out["choices"][0]["delta"]["content"] == "hello "
+
+
 def test_longer_match_than_max_match_chars_can_be_missed() -> None:
     """The documented limit."""
     rw = Rewriter((), [in_rule("abcdef", "X")], max_match_chars=2)
@@ -386,7 +413,7 @@ def test_longer_match_than_max_match_chars_can_be_missed() -> None:
 
 
 def test_flush_comes_before_the_finish_chunk() -> None:
-    rw = Rewriter((), [in_rule("cat", "dog")])
+    rw = Rewriter((), [in_rule("c[a]t", "dog")])
     stream = rw.stream()
     assert stream.feed(chunk("a c")) == []
     finish = chunk(None, finish="stop")
@@ -397,7 +424,7 @@ def test_flush_comes_before_the_finish_chunk() -> None:
 
 
 def test_text_in_the_finish_chunk_goes_out_with_it() -> None:
-    rw = Rewriter((), [in_rule("cat", "dog")])
+    rw = Rewriter((), [in_rule("c[a]t", "dog")])
     stream = rw.stream()
     assert stream.feed(chunk("a c")) == []
     [last] = stream.feed(chunk("at", finish="stop"))
@@ -409,7 +436,7 @@ def test_text_in_the_finish_chunk_goes_out_with_it() -> None:
 
 
 def test_flush_before_tool_calls_and_chunks_without_choices() -> None:
-    rw = Rewriter((), [in_rule("x", "y")])
+    rw = Rewriter((), [in_rule("[x]", "y")])
     stream = rw.stream()
     stream.feed(chunk("x1"))
     tool = chunk(None, tool_calls=[{"index": 0, "id": "t", "function": {"name": "f"}}])
@@ -428,7 +455,7 @@ def test_role_chunk_is_kept() -> None:
 
 
 def test_two_choices_are_held_and_flushed_separately() -> None:
-    rw = Rewriter((), [in_rule("cat", "dog")], max_match_chars=3)
+    rw = Rewriter((), [in_rule("c[a]t", "dog")], max_match_chars=3)
     stream = rw.stream()
     out: list[dict[str, Any]] = []
     for a, b in [("the c", "a c"), ("at sat", "at ran"), (" on cat", "")]:

@@ -128,7 +128,7 @@ async def rewrite_request(ex: Exchange, chat: ChatRequest) -> None:
     rewriter = ex.state.rewriter
     if not rewriter.has_request_rules:
         return
-    result = await rewriter.rewrite_messages_async(chat.payload)
+    result = await rewriter.rewrite_messages_async(chat.payload, len(chat.body))
     ex.rule_timeouts(result.timeouts)
     if result.changed:
         ex.record.original_body = chat.body

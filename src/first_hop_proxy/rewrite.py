@@ -268,16 +268,55 @@ def _separator(rules: Iterable[_Rule]) -> str:
     return "\uffff"
 
 
+class _Holdback:
+    """For literal rules only: how much of a stream's pending text must wait.
+
+    A match that could still grow past the end of the text so far must begin
+    where the text's remainder is the start of some literal. When a rule's
+    output contains a character that begins a literal, a later rule could match
+    across that output, so any such character (or a literal's first one) counts.
+    """
+
+    __slots__ = ("candidates", "chained", "literals")
+
+    def __init__(self, rules: tuple[_Rule, ...]) -> None:
+        self.literals = tuple({r.literal for r in rules if r.literal})
+        firsts = {lit[0] for lit in self.literals}
+        outputs = {c for r in rules for c in r.literal_out}
+        self.chained = bool(firsts & outputs)
+        chars = firsts | outputs if self.chained else firsts
+        self.candidates: regex.Pattern[str] | None = (
+            regex.compile("[" + "".join(regex.escape(c) for c in sorted(chars)) + "]")
+            if chars
+            else None
+        )
+
+    def start(self, raw: str, window: int) -> int:
+        """Where the held-back part of ``raw`` begins (``len(raw)``: nothing held)."""
+        if self.candidates is None:
+            return len(raw)
+        for found in self.candidates.finditer(raw, max(window, 0)):
+            at = found.start()
+            if self.chained:
+                return at
+            rest = raw[at:]
+            if any(len(lit) > len(rest) and lit.startswith(rest) for lit in self.literals):
+                return at
+        return len(raw)
+
+
 class _Engine:
     """One section's compiled rules and how to run them over a batch of texts."""
 
-    __slots__ = ("rules", "section", "separator", "timeout")
+    __slots__ = ("all_literal", "holdback", "rules", "section", "separator", "timeout")
 
     def __init__(self, section: str, rules: tuple[_Rule, ...], timeout_ms: float) -> None:
         self.section = section
         self.rules = rules
         self.timeout = timeout_ms / 1000
         self.separator = _separator(rules)
+        self.all_literal = all(r.literal is not None for r in rules)
+        self.holdback = _Holdback(rules) if self.all_literal else None
 
     def run(
         self, texts: list[str], rules: tuple[_Rule, ...], report: Rewrite, role: str | None
@@ -504,16 +543,27 @@ class Rewriter:
             return BodyRewrite([0] * self._request_count, body=body)
         return _rewrite_body(body, self._request_count, self.rewrite_messages)
 
-    async def rewrite_messages_async(self, payload: dict[str, Any]) -> Rewrite:
-        """:meth:`rewrite_messages` in a worker thread (inline when there are no rules)."""
+    async def rewrite_messages_async(
+        self, payload: dict[str, Any], size: int | None = None
+    ) -> Rewrite:
+        """:meth:`rewrite_messages` off the event loop when it could take long.
+
+        ``size`` is the body's length in bytes, if known. Literal rules are linear and
+        cannot run away, so on a body of up to ``INLINE_BYTES`` they run inline:
+        a thread hop would cost more than the work. Otherwise a worker thread.
+        """
         if not self.has_request_rules:
             return Rewrite([0] * self._request_count)
+        if self._request.all_literal and size is not None and size <= INLINE_BYTES:
+            return self.rewrite_messages(payload)
         return await asyncio.to_thread(self.rewrite_messages, payload)
 
     async def rewrite_request_async(self, body: bytes) -> BodyRewrite:
-        """:meth:`rewrite_request` in a worker thread; no rules means no parse, no hop."""
+        """:meth:`rewrite_request`, inline or in a worker thread as for messages."""
         if not self.has_request_rules:
             return BodyRewrite([0] * self._request_count, body=body)
+        if self._request.all_literal and len(body) <= INLINE_BYTES:
+            return self.rewrite_request(body)
         return await asyncio.to_thread(self.rewrite_request, body)
 
     # -- replies ------------------------------------------------------------------
@@ -543,9 +593,11 @@ class Rewriter:
         return _rewrite_body(body, self._response_count, self.rewrite_response_payload)
 
     async def rewrite_response_async(self, body: bytes) -> BodyRewrite:
-        """:meth:`rewrite_response` in a worker thread (inline when there are no rules)."""
+        """:meth:`rewrite_response`, inline or in a worker thread as for messages."""
         if not self.has_response_rules:
             return BodyRewrite([0] * self._response_count, body=body)
+        if self._response.all_literal and len(body) <= INLINE_BYTES:
+            return self.rewrite_response(body)
         return await asyncio.to_thread(self.rewrite_response, body)
 
     def stream(self) -> StreamRewriter:
@@ -583,6 +635,10 @@ class Rewriter:
                 container[key] = new
                 changed = True
         return changed
+
+
+#: Literal rules on a body up to this size run inline instead of in a worker thread.
+INLINE_BYTES = 65536
 
 
 # -- streams ----------------------------------------------------------------------
@@ -708,6 +764,9 @@ class StreamRewriter:
         raw = state.raw
         if not final:
             cut = len(raw) - self._hold
+            holdback = self._engine.holdback
+            if holdback is not None:  # literal rules: hold only what could still match
+                cut = holdback.start(raw, cut)
             while cut > 0:
                 sent, retry = self._rewrite(state, raw, cut)
                 if sent is not None:
