@@ -290,7 +290,10 @@ class RequestLog:
         if not self.cfg.enabled:
             return
         path = self.folder / log_file_name(record)
-        self._writer.submit_call(lambda: self._write(record, path))
+        size = len(record.body) + len(record.original_body or b"")
+        size += len(record.response_body or b"")
+        size += sum(len(piece) for parts in record.stream_text.values() for piece in parts)
+        self._writer.submit_call(lambda: self._write(record, path), size)
 
     def entries(self, limit: int) -> list[RequestEntry]:
         """Newest first."""

@@ -58,11 +58,20 @@ def write_new_file(path: str | os.PathLike[str], text: str | Callable[[str], str
     raise FileExistsError(f"no free file name near {target}")
 
 
+#: How far the writer may fall behind before new jobs are dropped (and counted):
+#: memory must not grow with load. At a chat front-end's pace it is never reached.
+MAX_QUEUED_JOBS = 20_000
+MAX_QUEUED_BYTES = 256 * 1024 * 1024
+
+
 class LogWriter:
     """Runs log jobs one at a time, in order, on a dedicated daemon thread.
 
     ``submit``/``submit_call`` never block and never raise. Failures are counted
     and reported (at most one warning per ``warn_interval`` seconds) instead.
+    When the thread falls too far behind (``max_queued_jobs`` jobs or
+    ``max_queued_bytes`` of their data waiting), new jobs are dropped and
+    counted rather than letting memory grow without bound.
     """
 
     def __init__(
@@ -70,6 +79,8 @@ class LogWriter:
         *,
         warn_interval: float = WARN_INTERVAL_SECONDS,
         on_failure: Callable[[str], None] | None = None,
+        max_queued_jobs: int = MAX_QUEUED_JOBS,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
     ) -> None:
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -80,6 +91,11 @@ class LogWriter:
         # worker thread: lets the server record a ``log_write_error`` event.
         self.on_failure = on_failure
         self._last_warning = -float("inf")
+        self._last_drop_warning = -float("inf")
+        self.max_queued_jobs = max_queued_jobs
+        self.max_queued_bytes = max_queued_bytes
+        self._queued_bytes = 0
+        self.dropped = 0
         self.submitted = 0
         self.completed = 0
         self.written = 0
@@ -141,9 +157,36 @@ class LogWriter:
         self.written += 1
         return written
 
-    def submit_call(self, fn: Job) -> None:
-        """Queue ``fn`` to run on the worker thread; its errors are counted, not raised."""
-        self._put(fn, count=True)
+    def submit_call(self, fn: Job, size: int = 0) -> bool:
+        """Queue ``fn`` to run on the worker thread; its errors are counted, not raised.
+
+        ``size`` is roughly how many bytes the job holds on to until it runs.
+        Returns False when the job was dropped because the writer is too far behind.
+        """
+        if self._queue.qsize() >= self.max_queued_jobs or (
+            size and self._queued_bytes + size > self.max_queued_bytes
+        ):
+            self._drop()
+            return False
+        if size:
+            with self._lock:
+                self._queued_bytes += size
+            self._put(_Sized(fn, size, self), count=True)
+        else:
+            self._put(fn, count=True)
+        return True
+
+    def _drop(self) -> None:
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self._last_drop_warning >= self._warn_interval:
+            self._last_drop_warning = now
+            logger.warning(
+                "log writer is %d jobs behind: dropping new log files until it catches up "
+                "(%d dropped so far)",
+                self._queue.qsize(),
+                self.dropped,
+            )
 
     def run(self, fn: Job) -> bool:
         """Run ``fn`` now on the calling thread with the worker's error handling.
@@ -166,6 +209,7 @@ class LogWriter:
             "completed": self.completed,
             "written": self.written,
             "failures": self.failures,
+            "dropped": self.dropped,
             "last_error": self.last_error,
         }
 
@@ -224,6 +268,22 @@ class LogWriter:
                     self.on_failure(message)
         else:
             self.suppressed_warnings += 1
+
+
+class _Sized:
+    """A job that holds ``size`` bytes until it has run."""
+
+    __slots__ = ("fn", "size", "writer")
+
+    def __init__(self, fn: Job, size: int, writer: LogWriter) -> None:
+        self.fn, self.size, self.writer = fn, size, writer
+
+    def __call__(self) -> object:
+        try:
+            return self.fn()
+        finally:
+            with self.writer._lock:
+                self.writer._queued_bytes -= self.size
 
 
 class _Uncounted:
