@@ -1,0 +1,148 @@
+"""The one middleware every request passes: request id, CORS, counters, JSON errors.
+
+One middleware rather than four: each layer costs a coroutine frame on every
+request, and this is the proxy's hot path.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from .demo import DEMO_PREFIX
+from .errors import error_response
+from .state import REQUEST_ID, STATE
+
+log = logging.getLogger("first_hop_proxy")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+CORS_ORIGIN = web.RequestKey("cors_origin", str)
+
+
+def new_request_id() -> str:
+    return secrets.token_hex(6)
+
+
+def request_id_of(request: web.BaseRequest) -> str:
+    """The request's id (made on first use), as sent back in ``X-Request-ID``."""
+    request_id = request.get(REQUEST_ID)
+    if request_id is None:
+        request_id = new_request_id()
+        request[REQUEST_ID] = request_id
+    return request_id
+
+
+async def add_response_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Runs as every response (streams included) is prepared: headers every answer has."""
+    response.headers.setdefault("X-Request-ID", request_id_of(request))
+    origin = request.get(CORS_ORIGIN)
+    if origin is not None and "Access-Control-Allow-Origin" not in response.headers:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = "X-Request-ID, X-Models-Source"
+        if origin != "*":
+            response.headers.add("Vary", "Origin")
+
+
+def is_chat_request(request: web.Request) -> bool:
+    return (
+        request.method == "POST"
+        and request.path.endswith("/chat/completions")
+        and not request.path.startswith(DEMO_PREFIX)
+    )
+
+
+def front_door(origins: list[str]) -> Middleware:
+    """The middleware for ``server.cors_origins`` (``*``: any origin).
+
+    - every request gets an id, sent back in ``X-Request-ID``;
+    - CORS: the allowed origin is remembered on the request and
+      :func:`add_response_headers` puts it on the response (streams too);
+      preflights are answered here;
+    - chat requests are counted (total, in flight, by final status);
+    - every error the client sees is OpenAI-style JSON, never an HTML page.
+    """
+    allow_any = "*" in origins
+    listed = {o.rstrip("/") for o in origins}
+
+    def allowed(origin: str | None) -> str | None:
+        if allow_any:
+            return "*"
+        return origin if origin is not None and origin.rstrip("/") in listed else None
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request_id_of(request)
+        allow = allowed(request.headers.get("Origin"))
+        if allow is not None:
+            request[CORS_ORIGIN] = allow
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            return preflight(request)
+        counters = request.app[STATE].counters if is_chat_request(request) else None
+        if counters is not None:
+            counters.requests += 1
+            counters.in_flight += 1
+        status = 499  # the client went away before an answer
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                status = exc.status
+                raise
+            response = http_error(exc, request)
+        except Exception as exc:
+            log.exception("internal error while serving %s %s", request.method, request.path)
+            request.app[STATE].endpoint_error(request, exc)
+            response = error_response(
+                500,
+                "The proxy hit an internal error while handling this request (request id "
+                f"{request_id_of(request)}); the console has the details. Please report it.",
+                "internal_error",
+                "internal_error",
+            )
+        finally:
+            if counters is not None:
+                counters.in_flight -= 1
+        status = response.status
+        if counters is not None:
+            counters.by_status[status] += 1
+        return response
+
+    return middleware
+
+
+def preflight(request: web.Request) -> web.Response:
+    headers = {
+        "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+        "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers", "*"),
+        "Access-Control-Max-Age": "86400",
+    }
+    return web.Response(status=204, headers=headers)
+
+
+def http_error(exc: web.HTTPException, request: web.Request) -> web.Response:
+    if exc.status == 404:
+        message = (
+            f"No such endpoint: {request.method} {request.path}. This proxy serves "
+            "POST /v1/chat/completions, GET /v1/models, GET /health and GET /health/detailed."
+        )
+        return error_response(404, message, "invalid_request_error", "not_found")
+    if exc.status == 405:
+        allowed = exc.headers.get("Allow", "")
+        message = (
+            f"{request.method} is not allowed on {request.path}; use {allowed or 'another method'}."
+        )
+        return error_response(
+            405, message, "invalid_request_error", "method_not_allowed", headers={"Allow": allowed}
+        )
+    if exc.status == 413:
+        limit = request.app[STATE].config.server.max_body_mb
+        message = (
+            f"The request body is larger than server.max_body_mb ({limit:g} MB). "
+            "Send smaller images, or raise server.max_body_mb in config.yaml."
+        )
+        return error_response(413, message, "invalid_request_error", "request_too_large")
+    return error_response(exc.status, exc.reason, "invalid_request_error", exc.status)
