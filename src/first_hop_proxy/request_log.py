@@ -81,6 +81,9 @@ class RequestRecord:
     finish_reasons: dict[int, str | None] = field(default_factory=dict)
     stream_events: int = 0
     first_content: float | None = None
+    # The data payloads of a relayed stream, kept as bytes: they are parsed into
+    # stream_text and finish_reasons by the writer thread, not on the event loop.
+    stream_data: list[bytes] = field(default_factory=list)
     error: str = ""
     ended_wall: float | None = None
     ended_mono: float | None = None
@@ -97,6 +100,35 @@ class RequestRecord:
         if text and self.first_content is None:
             self.first_content = time.monotonic() - self.started_mono
         self.stream_text.setdefault(index, []).append(text)
+
+    def add_chunk(self, payload: dict[str, Any]) -> None:
+        """Keep the text and finish reasons of one parsed stream chunk."""
+        for choice in payload.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            index = choice.get("index", 0)
+            index = index if isinstance(index, int) else 0
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                content = delta.get("content")
+                if isinstance(content, str) and content:
+                    self.add_stream_text(index, content)
+            if choice.get("finish_reason"):
+                self.finish_reasons[index] = choice["finish_reason"]
+
+    def assemble_stream(self) -> None:
+        """Parse the kept stream payloads into text per choice (on the writer thread)."""
+        data, self.stream_data = self.stream_data, []
+        first_content = self.first_content
+        for payload in data:
+            try:
+                chunk = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(chunk, dict):
+                self.add_chunk(chunk)
+        if first_content is not None:
+            self.first_content = first_content  # timed when it was relayed, not now
 
     def finish(self, status: int | None) -> None:
         """Record the final status and the end time."""
@@ -293,6 +325,7 @@ class RequestLog:
         size = len(record.body) + len(record.original_body or b"")
         size += len(record.response_body or b"")
         size += sum(len(piece) for parts in record.stream_text.values() for piece in parts)
+        size += sum(map(len, record.stream_data))
         self._writer.submit_call(lambda: self._write(record, path), size)
 
     def entries(self, limit: int) -> list[RequestEntry]:
@@ -339,6 +372,7 @@ class RequestLog:
                     self._index[entry.request_id] = entry
 
     def _write(self, record: RequestRecord, path: Path) -> None:
+        record.assemble_stream()
         text = format_request_log(record, self.cfg, self._redactor)
         written = self._writer.write_file(path, text)
         entry = RequestEntry(

@@ -20,7 +20,6 @@ from .attempts import attempt_until_decided
 from .decisions import Action, Outcome, decide
 from .exchange import ChatRequest, Exchange, failure_body, failure_response
 from .headers import client_headers
-from .request_log import RequestRecord
 from .sse import DONE, comment, event_data, frame
 from .upstream import TRANSPORT_ERRORS, Reply, describe_failure, open_stream
 
@@ -135,6 +134,7 @@ async def pump(ex: Exchange, out: web.StreamResponse, reply: Reply) -> None:
     rewriting = state.rewriter.stream() if state.rewriter.has_response_rules else None
     observing = state.request_log.enabled and state.config.logging.include_response_data
     record = ex.record
+    record.first_content = time.monotonic() - record.started_mono
     interrupted: bytes | None = None
     try:
         async for event in upstream_events(reply):
@@ -143,28 +143,28 @@ async def pump(ex: Exchange, out: web.StreamResponse, reply: Reply) -> None:
                 interrupted = error_after_content(ex, event)
                 if interrupted is not None:
                     break
-            if rewriting is None and not observing:
+            if rewriting is None:
+                if observing:
+                    data = event_data(event)
+                    if data and data != DONE:
+                        record.stream_data.append(data)  # parsed later, by the log writer
                 await out.write(event + b"\n\n")
                 continue
             data = event_data(event)
             payload = parse_event(data)
             if payload is None:
-                if data == DONE and rewriting is not None:
+                if data == DONE:
                     for chunk in rewriting.flush():
-                        observe(record, chunk)
+                        record.add_chunk(chunk)
                         await out.write(frame(orjson.dumps(chunk)))
                 await out.write(event + b"\n\n")
                 continue
-            if rewriting is None:
-                observe(record, payload)
-                await out.write(event + b"\n\n")
-                continue
             for chunk in rewriting.feed(payload):
-                observe(record, chunk)
+                record.add_chunk(chunk)
                 await out.write(frame(orjson.dumps(chunk)))
         if rewriting is not None:
             for chunk in rewriting.flush():
-                observe(record, chunk)
+                record.add_chunk(chunk)
                 await out.write(frame(orjson.dumps(chunk)))
             ex.rule_timeouts(rewriting.timeouts)
     except TRANSPORT_ERRORS as exc:
@@ -241,19 +241,3 @@ def parse_event(data: bytes | None) -> dict[str, Any] | None:
     except orjson.JSONDecodeError:
         return None
     return payload if isinstance(payload, dict) else None
-
-
-def observe(record: RequestRecord, payload: dict[str, Any]) -> None:
-    """Keep the assembled text and finish reasons of a streamed reply for the log."""
-    for choice in payload.get("choices") or ():
-        if not isinstance(choice, dict):
-            continue
-        index = choice.get("index", 0)
-        index = index if isinstance(index, int) else 0
-        delta = choice.get("delta")
-        if isinstance(delta, dict):
-            content = delta.get("content")
-            if isinstance(content, str) and content:
-                record.add_stream_text(index, content)
-        if choice.get("finish_reason"):
-            record.finish_reasons[index] = choice["finish_reason"]
