@@ -60,7 +60,7 @@ def write_new_file(path: str | os.PathLike[str], text: str | Callable[[str], str
 
 #: How far the writer may fall behind before new jobs are dropped (and counted):
 #: memory must not grow with load. At a chat front-end's pace it is never reached.
-MAX_QUEUED_JOBS = 20_000
+MAX_QUEUED_JOBS = 5_000
 MAX_QUEUED_BYTES = 256 * 1024 * 1024
 
 
