@@ -549,6 +549,7 @@ def run_wrk(script: Path, url: str, conns: int, seconds: float) -> dict[str, Any
                 "p90_ms": raw["p90_us"] / 1000,
                 "p99_ms": raw["p99_us"] / 1000,
                 "max_ms": raw["max_us"] / 1000,
+                "duration_s": round(secs, 3),
             }
     raise RuntimeError(f"wrk gave no result: {out.stdout[-400:]} {out.stderr[-400:]}")
 
@@ -785,20 +786,43 @@ def measure(
     figures["peak_rss_mb"] = round(tree_kb(pid, "VmHWM") / 1024, 1)
     figures["rss_mb"] = round(tree_kb(pid, "VmRSS") / 1024, 1)
     if "log_folder" in target.extra:
+        # Log work deferred to the writer thread must not spill into the next measurement.
         figures["log_backlog"] = log_backlog(target.url)
+        figures["log_catch_up_s"] = wait_log_drained(target.url, 180)
+        if "rps" in figures:
+            ok = figures["requests"] - figures["non_2xx"]
+            span = figures["duration_s"] + figures["log_catch_up_s"]
+            figures["rps_with_log_catch_up"] = round(ok / span, 1) if span else None
     time.sleep(0.3)
     return figures
 
 
-def log_backlog(chat_url: str) -> int | None:
-    """first-hop-proxy's log writer queue length right after the load stopped."""
+def wait_log_drained(chat_url: str, limit_s: float) -> float:
+    """Seconds until first-hop-proxy's log writer queue is empty (at most ``limit_s``)."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit_s:
+        if (log_backlog(chat_url) or 0) == 0:
+            break
+        time.sleep(0.1)
+    return round(time.monotonic() - start, 2)
+
+
+def writer_status(chat_url: str) -> dict[str, Any]:
+    """first-hop-proxy's log writer counters (``/health/detailed``), {} if unavailable."""
     url = chat_url.replace("/v1/chat/completions", "/health/detailed")
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
             data = json.loads(resp.read())
-        return int(data["logging"]["writer"]["queued"])
+        status = data["logging"]["writer"]
+        return status if isinstance(status, dict) else {}
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return {}
+
+
+def log_backlog(chat_url: str) -> int | None:
+    """first-hop-proxy's log writer queue length right now."""
+    queued = writer_status(chat_url).get("queued")
+    return int(queued) if isinstance(queued, int) else None
 
 
 # --------------------------------------------------------------------------- summary
@@ -852,6 +876,18 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                 s["p50_ms"] = median([r["p50_ms"] for r in mine])
                 s["p99_ms"] = median([r["p99_ms"] for r in mine])
                 s["errors"] = sum(r["non_2xx"] + r["socket_errors"] for r in mine)
+                if any("rps_with_log_catch_up" in r for r in mine):
+                    s["rps_with_log_catch_up"] = median(
+                        [r.get("rps_with_log_catch_up") for r in mine]
+                    )
+                    s["x_pass_rps_with_log_catch_up"] = median(
+                        pairs(
+                            runs,
+                            name,
+                            PASS,
+                            lambda m, p: m["rps_with_log_catch_up"] / p["rps"],
+                        )
+                    )
                 if name != DIRECT:
                     add50 = pairs(runs, name, DIRECT, lambda m, d: m["p50_ms"] - d["p50_ms"])
                     add99 = pairs(runs, name, DIRECT, lambda m, d: m["p99_ms"] - d["p99_ms"])
@@ -934,6 +970,13 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     add("c=1 added p99 over direct, ms (default config)", v, "<= 1 ms", le(v, 1.0))
     v = get("c16", FHP, "x_pass_rps")
     add("c=16 throughput vs pass-through (logging on)", v, ">= 0.75x", ge(v, 0.75))
+    v = get("c16", FHP, "x_pass_rps_with_log_catch_up")
+    add(
+        "c=16 throughput vs pass-through, counting the time the log writer needs to catch up",
+        v,
+        ">= 0.75x (information)",
+        ge(v, 0.75),
+    )
     v = summary.get("c16", {}).get("fhp_x_litellm_rps")
     lite_ok = summary.get("c16", {}).get(LITELLM, {}).get("runs", 0) > 0
     add(
@@ -987,9 +1030,15 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         ge(v, 0.85),
     )
     if soak:
-        add("soak: errors", soak["errors"], "0", soak["errors"] == 0)
+        add("soak: errors", soak["errors"], "0", soak["errors"] == 0, soak.get("aborted", ""))
         v = soak["rss_growth_mb"]
-        add("soak: RSS growth after warm-up, MB", v, "< 10 MB", lt(v, 10))
+        add("soak: RSS growth after warm-up, MB", v, "< 10 MB", lt(v, 10), soak.get("aborted", ""))
+    paced = results.get("soak_paced")
+    if paced:
+        note = f"non-streaming paced to {paced.get('rate')} req/s"
+        add("paced soak: errors", paced["errors"], "0 (information)", paced["errors"] == 0, note)
+        v = paced["rss_growth_mb"]
+        add("paced soak: RSS growth, MB", v, "< 10 MB (information)", lt(v, 10), note)
     return out
 
 
@@ -1008,7 +1057,9 @@ def lt(v: float | None, limit: float) -> bool | None:
 # --------------------------------------------------------------------------- soak
 
 
-async def soak_load(url: str, conns: int, seconds: float, pid: int) -> dict[str, Any]:
+async def soak_load(
+    url: str, conns: int, seconds: float, pid: int, rate: float | None = None
+) -> dict[str, Any]:
     plain = chat_body(stream=False)
     streamed = chat_body(stream=True)
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {MASTER_KEY}"}
@@ -1020,7 +1071,15 @@ async def soak_load(url: str, conns: int, seconds: float, pid: int) -> dict[str,
 
     async def worker(session: aiohttp.ClientSession, index: int) -> None:
         streaming = index % 2 == 1  # half the connections stream, half do not
+        plain_conns = max(1, conns // 2)
+        interval = plain_conns / rate if rate else 0.0  # each plain connection's share
+        next_at = time.monotonic()
         while time.monotonic() < deadline and sum(counts.values()) < max_requests:
+            if interval and not streaming:
+                next_at += interval
+                delay = next_at - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
             if streaming:
                 result = await one_stream(session, url, streamed)
                 counts["streams"] += 1
@@ -1063,7 +1122,9 @@ async def soak_load(url: str, conns: int, seconds: float, pid: int) -> dict[str,
     }
 
 
-def run_soak(work: Path, gap_ms: float, seconds: float, warm_s: float) -> dict[str, Any]:
+def run_soak(
+    work: Path, gap_ms: float, seconds: float, warm_s: float, rate: float | None = None
+) -> dict[str, Any]:
     with Stack(work, gap_ms, [FHP]) as stack:
         stack.start()
         target = stack.targets[FHP]
@@ -1071,10 +1132,10 @@ def run_soak(work: Path, gap_ms: float, seconds: float, warm_s: float) -> dict[s
             raise SystemExit(f"first-hop-proxy did not start: {target.reason}")
         pid = target.pid
         log(f"soak warm-up {warm_s:.0f} s")
-        asyncio.run(soak_load(target.url, 16, warm_s, pid))
+        asyncio.run(soak_load(target.url, 16, warm_s, pid, rate))
         start_rss = tree_kb(pid, "VmRSS") / 1024
         log(f"soak {seconds:.0f} s at c=16, start RSS {start_rss:.1f} MB")
-        load = asyncio.run(soak_load(target.url, 16, seconds, pid))
+        load = asyncio.run(soak_load(target.url, 16, seconds, pid, rate))
         end_rss = tree_kb(pid, "VmRSS") / 1024
         target_url = target.url
         backlog_end = log_backlog(target_url)
@@ -1082,6 +1143,8 @@ def run_soak(work: Path, gap_ms: float, seconds: float, warm_s: float) -> dict[s
         while time.monotonic() < drain_deadline and (log_backlog(target_url) or 0) > 0:
             time.sleep(1)
         drained_rss = tree_kb(pid, "VmRSS") / 1024
+        backlog_after_wait = log_backlog(target_url)
+        dropped = writer_status(target_url).get("dropped")
         folder = Path(target.extra["log_folder"])
         request_logs = sum(1 for p in folder.glob("*") if p.is_file())
         error_logs = sum(1 for p in (folder / "errors").glob("*") if p.is_file())
@@ -1091,7 +1154,12 @@ def run_soak(work: Path, gap_ms: float, seconds: float, warm_s: float) -> dict[s
         "seconds": seconds,
         "warm_up_s": warm_s,
         "concurrency": 16,
-        "mix": "8 connections non-streaming back to back, 8 streaming (20 events each)",
+        "mix": (
+            "8 connections non-streaming "
+            + (f"paced to {rate:.0f} req/s in all" if rate else "back to back")
+            + ", 8 streaming (20 events each)"
+        ),
+        "rate": rate,
         "requests": load["counts"].get("requests", 0),
         "streams": load["counts"].get("streams", 0),
         "errors": errors,
@@ -1103,6 +1171,9 @@ def run_soak(work: Path, gap_ms: float, seconds: float, warm_s: float) -> dict[s
         "rss_growth_mb": round(end_rss - start_rss, 1),
         "log_backlog_end": backlog_end,
         "rss_after_log_drain_mb": round(drained_rss, 1),
+        "log_backlog_after_wait": backlog_after_wait,
+        "logs_dropped": dropped,
+        "ran_s": load["samples"][-1][0] if load["samples"] else 0.0,
         "log_backlog_max": max((s[2] or 0 for s in load["samples"]), default=0),
         "aborted": load["aborted"],
         "samples_t_rss_mb_backlog": [(t, round(m, 1), b) for t, m, b in load["samples"]],
@@ -1202,28 +1273,49 @@ def render(results: dict[str, Any]) -> str:
             lines.append(f"- `{name}`: {t['label']}{extra}{state}")
         lines.append("")
         lines += render_wrk(bench) + render_streams(bench) + render_fresh(bench)
-    soak = results.get("soak")
+    for key, title in (
+        ("soak", "Soak (`make bench-soak`)"),
+        ("soak_paced", "Soak, paced (`bench/run.py --soak --soak-rate N`)"),
+    ):
+        lines += render_soak(results.get(key), title)
+    findings = BENCH / "findings.md"
+    if findings.exists():
+        lines += [findings.read_text("utf-8").strip(), ""]
+    return "\n".join(lines)
+
+
+def soak_ran(soak: dict[str, Any]) -> float:
+    series = soak.get("samples_t_rss_mb_backlog") or []
+    return float(series[-1][0]) if series else float(soak["seconds"])
+
+
+def render_soak(soak: dict[str, Any] | None, title: str) -> list[str]:
+    lines: list[str] = []
     if soak:
         lines += [
-            "## Soak (`make bench-soak`)",
+            f"## {title}",
             "",
-            f"{soak['seconds'] / 60:.1f} minutes against first-hop-proxy (default config, "
+            f"{soak.get('ran_s') or soak_ran(soak):.0f} s (planned {soak['seconds']:.0f} s) "
+            "against first-hop-proxy (default config, "
             f"logging on) at c={soak['concurrency']}, {soak['mix']}, after a "
             f"{soak['warm_up_s']:.0f} s warm-up; {soak['date']}.",
             "",
             "| requests | streams | errors | RSS start | RSS end | RSS max | growth | "
-            "log backlog max / end | request logs kept | error logs |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "log backlog max / end | logs dropped | request logs kept | error logs |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
             f"| {soak['requests']:,} | {soak['streams']:,} | {soak['errors']} "
             f"{soak['error_kinds'] or ''} | {soak['rss_start_mb']} MB | {soak['rss_end_mb']} MB | "
             f"{soak['rss_max_mb']} MB | {soak['rss_growth_mb']:+} MB | "
             f"{soak.get('log_backlog_max')} / {soak.get('log_backlog_end')} | "
+            f"{soak.get('logs_dropped', 'n/a')} | "
             f"{soak['request_log_files_at_end']} | {soak['error_log_files_at_end']} |",
             "",
         ]
+        left = soak.get("log_backlog_after_wait")
         lines += [
-            f"RSS once the log writer had caught up (load stopped): "
-            f"{soak.get('rss_after_log_drain_mb')} MB.",
+            "RSS after the load stopped and the log writer was given up to 180 s to catch up: "
+            f"{soak.get('rss_after_log_drain_mb')} MB"
+            + (f" (log jobs still queued: {left})." if left is not None else "."),
             "",
         ]
         if soak.get("aborted"):
@@ -1233,10 +1325,7 @@ def render(results: dict[str, Any]) -> str:
             step = max(1, len(series) // 12)
             points = ", ".join(f"{t:.0f} s: {m} MB / {b}" for t, m, b in series[::step])
             lines += [f"RSS / log backlog over time: {points}.", ""]
-    findings = BENCH / "findings.md"
-    if findings.exists():
-        lines += [findings.read_text("utf-8").strip(), ""]
-    return "\n".join(lines)
+    return lines
 
 
 def render_wrk(bench: dict[str, Any]) -> list[str]:
@@ -1244,8 +1333,9 @@ def render_wrk(bench: dict[str, Any]) -> list[str]:
         "## Non-streaming (wrk, ~2 KB request, ~1 KB reply)",
         "",
         "| conc. | target | req/s | x direct | x pass-through | p50 ms | p99 ms | "
-        "added p50 ms | added p99 ms | added p50 x pass-through's | errors | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "added p50 ms | added p99 ms | added p50 x pass-through's | errors | peak RSS MB "
+        "| req/s incl. log catch-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell, data in bench["cells"].items():
         if data["kind"] != "wrk":
@@ -1254,18 +1344,19 @@ def render_wrk(bench: dict[str, Any]) -> list[str]:
         for name in ORDER:
             s = per.get(name, {})
             if not s.get("runs"):
-                lines.append(f"| {data['load']} | {name} | unavailable | | | | | | | | | |")
+                lines.append(f"| {data['load']} | {name} | unavailable | | | | | | | | | | |")
                 continue
             lines.append(
                 f"| {data['load']} | {name} | {fmt(s['rps'], 0)} | {fmt(s.get('x_direct_rps'))} "
                 f"| {fmt(s.get('x_pass_rps'))} | {fmt(s['p50_ms'])} | {fmt(s['p99_ms'])} "
                 f"| {fmt(s.get('added_p50_ms'))} | {fmt(s.get('added_p99_ms'))} "
-                f"| {fmt(s.get('added_p50_x_pass'))} | {s['errors']} | {s['peak_rss_mb']} |"
+                f"| {fmt(s.get('added_p50_x_pass'))} | {s['errors']} | {s['peak_rss_mb']} "
+                f"| {fmt(s.get('rps_with_log_catch_up'), 0)} |"
             )
         lines.append(
             f"| {data['load']} | *ratios* | rules/default {fmt(per.get('rules_x_default_rps'))}"
             f" | rules11/default {fmt(per.get('rules11_x_default_rps'))}"
-            f" | fhp/LiteLLM {fmt(per.get('fhp_x_litellm_rps'), 1)} | | | | | | | |"
+            f" | fhp/LiteLLM {fmt(per.get('fhp_x_litellm_rps'), 1)} | | | | | | | | |"
         )
     lines.append("")
     return lines
@@ -1340,7 +1431,8 @@ def render_fresh(bench: dict[str, Any]) -> list[str]:
     if backlog:
         lines += [
             "Log writer backlog (jobs queued in first-hop-proxy's log thread when the load "
-            "stopped, largest of the runs): " + "; ".join(backlog) + ".",
+            "stopped, largest of the runs; the harness waits for it to drain before the next "
+            "measurement): " + "; ".join(backlog) + ".",
             "",
         ]
     return lines
@@ -1385,6 +1477,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--soak-seconds", type=float, help="soak length (600; --quick: 20)")
     parser.add_argument("--gap-ms", type=float, default=50.0, help="gap between stream events")
     parser.add_argument(
+        "--soak-rate",
+        type=float,
+        help="pace the soak's non-streaming requests to this many per second in all "
+        "(reported apart, as soak_paced)",
+    )
+    parser.add_argument(
         "--out", type=Path, help="output folder (default bench/; --quick: bench/.work)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (configs, logs)")
@@ -1403,9 +1501,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with work_dir(args.keep) as work:
         if args.soak:
             seconds = args.soak_seconds or (20.0 if quick else 600.0)
-            soak = run_soak(work, args.gap_ms, seconds, 5.0 if quick else 30.0)
+            soak = run_soak(work, args.gap_ms, seconds, 5.0 if quick else 30.0, args.soak_rate)
             soak["machine"] = machine_info(litellm_version())
-            results["soak"] = soak
+            results["soak_paced" if args.soak_rate else "soak"] = soak
         else:
             plan = Plan(
                 runs=args.runs or (1 if quick else 3),
