@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import logging.handlers
 import os
-import queue
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from . import __version__
+from . import __version__, console
 from .app import masked_url
 from .config import (
     ConfigError,
@@ -106,24 +104,6 @@ def port_number(text: str) -> int:
     return port
 
 
-def setup_logging(debug: bool) -> logging.handlers.QueueListener:
-    """Console logging through a queue: the event loop never waits on the terminal.
-
-    Records are formatted and written by a listener thread; stop the returned
-    listener at exit so the last lines are flushed.
-    """
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    root = logging.getLogger()
-    root.handlers[:] = [logging.handlers.QueueHandler(records)]
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    logging.getLogger("aiohttp").setLevel(logging.WARNING)
-    listener = logging.handlers.QueueListener(records, console)
-    listener.start()
-    return listener
-
-
 def load_or_report(
     path: Path | None,
     host: str | None = None,
@@ -200,11 +180,11 @@ def serve(path: Path | None, host: str | None, port: int | None) -> int:
     if loaded is None:
         return 1
     host, port = loaded.config.server.host, loaded.config.server.port
-    listener = setup_logging(loaded.config.server.debug)
+    handler = console.setup(loaded.config.server.debug)
     try:
         return run_server(loaded, host, port)
     finally:
-        listener.stop()
+        handler.close()
 
 
 def run_server(loaded: LoadedConfig, host: str, port: int) -> int:
