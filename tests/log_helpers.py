@@ -12,7 +12,7 @@ from first_hop_proxy.state import STATE, State
 
 REQUEST_NAME = re.compile(r"^(\d{8})_(\d{6})_(\d{3})_([A-Za-z0-9-]+)\.log$")
 ERROR_NAME = re.compile(r"^(?P<code>[A-Za-z0-9_-]+?)_(\d{8})_(\d{6})_(\d{3})(?:_\d+)?\.log$")
-SPEC_DETAIL_KEYS = {
+SPEC_DETAIL_KEYS = (  # in the order the error log writes them
     "timestamp",
     "error_type",
     "error_message",
@@ -25,7 +25,7 @@ SPEC_DETAIL_KEYS = {
     "retry_attempt",
     "retry_delay",
     "request_id",
-}
+)
 RULE = "-" * 40
 
 

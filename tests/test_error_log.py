@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import secrets
-import string
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,31 +24,10 @@ from first_hop_proxy.error_log import (
 )
 from first_hop_proxy.writer import LogWriter
 
+from .keys import assert_no_leak, random_key
+from .log_helpers import SPEC_DETAIL_KEYS
+
 NAME_RE = re.compile(r"^(?P<code>[a-z0-9_]+)_\d{8}_\d{6}_\d{3}(?:_\d+)?\.log$")
-DETAIL_KEYS = [
-    "timestamp",
-    "error_type",
-    "error_message",
-    "status_code",
-    "status_text",
-    "url",
-    "headers",
-    "response_text",
-    "context",
-    "retry_attempt",
-    "retry_delay",
-    "request_id",
-]
-
-
-def random_key() -> str:
-    alphabet = string.ascii_letters + string.digits
-    return "sk-test-" + "".join(secrets.choice(alphabet) for _ in range(40))
-
-
-def assert_no_leak(text: str, secret: str) -> None:
-    for i in range(len(secret) - 11):
-        assert secret[i : i + 12] not in text
 
 
 def cfg(tmp_path: Path, **kw: object) -> ErrorLogging:
@@ -117,7 +94,7 @@ class TestFormat:
         assert "File: connection_error_x.log" in lines
         assert f"{RULE}\nRETRY ATTEMPT #2\nRetry Delay: 4.00 seconds\n{RULE}" in text
         details = details_of(text)
-        assert list(details) == DETAIL_KEYS
+        assert list(details) == list(SPEC_DETAIL_KEYS)
         assert details["error_type"] == "ConnectionResetError"
         assert details["error_message"] == "peer went away"
         assert "STACK TRACE:" in text and "raise ConnectionResetError" in text

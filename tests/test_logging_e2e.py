@@ -296,7 +296,7 @@ async def test_retry_error_logs(
         assert "Error Code: 503\n" in text
         assert f"RETRY ATTEMPT #{n}\nRetry Delay: " in text
         details = error_details(text)
-        assert set(details) == SPEC_DETAIL_KEYS
+        assert set(details) == set(SPEC_DETAIL_KEYS)
         assert details["request_id"] == rid
         assert details["status_code"] == 503
         assert details["status_text"] == "Service Unavailable"

@@ -10,8 +10,6 @@ a connection failure and a timeout, no output anywhere holds either key or any
 from __future__ import annotations
 
 import logging
-import secrets
-import string
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +19,8 @@ import pytest
 
 from .conftest import StartProxy, chat_body, free_port
 from .fake_upstream import FakeUpstream, Hang, Json, Sse, chunk
+from .keys import random_key, windows
 from .log_helpers import error_logs, request_logs, settle
-
-WINDOW = 12
-ALNUM = string.ascii_letters + string.digits
-
-
-def random_key(prefix: str, n: int = 40) -> str:
-    return prefix + "".join(secrets.choice(ALNUM) for _ in range(n))
-
-
-def windows(key: str) -> set[str]:
-    return {key[i : i + WINDOW] for i in range(len(key) - WINDOW + 1)}
 
 
 def leaks(text: str, pieces: set[str]) -> list[str]:

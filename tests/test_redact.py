@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import os
-import secrets
-import string
 import time
 from typing import Any
 
@@ -21,16 +19,7 @@ from first_hop_proxy.redact import (
     redact_url,
 )
 
-
-def random_key(prefix: str = "sk-test-", length: int = 40) -> str:
-    alphabet = string.ascii_letters + string.digits
-    return prefix + "".join(secrets.choice(alphabet) for _ in range(length))
-
-
-def assert_no_leak(text: str, secret: str) -> None:
-    assert secret not in text
-    for i in range(len(secret) - 11):
-        assert secret[i : i + 12] not in text, f"12-char piece {secret[i : i + 12]!r} leaked"
+from .keys import assert_no_leak, random_key
 
 
 def visible(masked: str) -> int:

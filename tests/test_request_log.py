@@ -6,8 +6,6 @@ import asyncio
 import logging
 import os
 import re
-import secrets
-import string
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,18 +24,10 @@ from first_hop_proxy.request_log import (
 )
 from first_hop_proxy.writer import LogWriter, write_new_file
 
+from .keys import assert_no_leak, random_key
+
 NAME_RE = re.compile(r"^\d{8}_\d{6}_\d{3}_[A-Za-z0-9-]+\.log$")
 DAY = 86400
-
-
-def random_key() -> str:
-    alphabet = string.ascii_letters + string.digits
-    return "sk-test-" + "".join(secrets.choice(alphabet) for _ in range(40))
-
-
-def assert_no_leak(text: str, secret: str) -> None:
-    for i in range(len(secret) - 11):
-        assert secret[i : i + 12] not in text
 
 
 @pytest.fixture
