@@ -139,8 +139,19 @@ class History:
         )
 
     def at(self, elapsed: float) -> History:
-        """The same history, with the time since the request began updated."""
-        return replace(self, elapsed=elapsed)
+        """The same history, with the time since the request began updated.
+
+        Built directly rather than with ``dataclasses.replace``: this runs on
+        every attempt, and ``replace`` introspects the fields each time.
+        """
+        return History(
+            self.attempts,
+            self.retries,
+            self.conditional_retries,
+            self.empty_retries,
+            elapsed,
+            self.last_delay,
+        )
 
 
 class Recategorized(NamedTuple):
