@@ -1,0 +1,52 @@
+"""The benchmark harness behind ``bench/run.py``: names and settings every module shares.
+
+Modules, one concept each:
+
+- ``targets``: the fake upstream and every target process (start, stop, configs, LiteLLM)
+- ``load``: the request body, wrk runs, the asyncio stream client, RSS readings
+- ``cells``: the measured run, every cell with the targets in alternation
+- ``soak``: the long mixed load against first-hop-proxy
+- ``stats``: medians, per-run pairs, ratios, the issue's targets
+- ``report``: RESULTS.md and results.json
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent
+ROOT = BENCH.parent
+SPEC = ROOT.parent / "shared" / "spec" / "original-config.example.yaml"
+LITELLM_VERSION = "1.108.0"  # newer releases need litellm-proxy-extras builds not yet on PyPI
+LITELLM_VENV = BENCH / "venv-litellm"
+MASTER_KEY = "sk-bench-master"
+MODEL = "bench-model"
+SOAK_RSS_LIMIT_MB = 3000
+EVENTS = 20
+EXPECTED_TEXT = "".join(f"tok{i} " for i in range(EVENTS))
+
+DIRECT, PASS, FHP, FHP_RULES, FHP_RULES11, LITELLM = (
+    "direct",
+    "passthrough",
+    "fhp-default",
+    "fhp-rules",
+    "fhp-rules11",
+    "litellm",
+)
+TARGET_LABELS = {
+    DIRECT: "direct to upstream (floor)",
+    PASS: "bare aiohttp pass-through (yardstick)",
+    FHP: "first-hop-proxy, default config, logging on",
+    FHP_RULES: "first-hop-proxy, 12+49 example rewrite rules, logging on",
+    FHP_RULES11: (
+        "first-hop-proxy, the same rules minus the outgoing '|' (it matches the empty "
+        "string, so it inserts its replacement between every character), logging on"
+    ),
+    LITELLM: f"LiteLLM proxy {LITELLM_VERSION}",
+}
+ORDER = [DIRECT, PASS, FHP, FHP_RULES, FHP_RULES11, LITELLM]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)

@@ -1,0 +1,258 @@
+"""Load and what it costs: the request body, wrk runs, the asyncio stream client, RSS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from harness import EVENTS, EXPECTED_TEXT, MASTER_KEY, MODEL, log
+from harness.stats import percentile
+
+
+def chat_body(stream: bool) -> bytes:
+    """A SillyTavern-like request, about 2 KB, with characters the rewrite rules touch."""
+    user = (
+        "Here's what I'd like — a short scene/story with [brackets], `code`, a | pipe "
+        "and “quotes” – nothing fancy. It's late; don't make it too long. "
+    )
+    messages = [
+        {"role": "system", "content": "You are a helpful narrator. " * 12},
+        {"role": "user", "content": user * 3},
+        {"role": "assistant", "content": "Sure. The night was calm and the road was long. " * 6},
+        {"role": "user", "content": user * 2},
+    ]
+    return orjson.dumps(
+        {
+            "model": MODEL,
+            "messages": messages,
+            "stream": stream,
+            "temperature": 0.7,
+            "max_tokens": 300,
+        }
+    )
+
+
+def proc_status_kb(pid: int, key: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def tree_kb(pid: int, key: str) -> int:
+    return sum(proc_status_kb(p, key) for p in process_tree(pid))
+
+
+def reset_peak(pid: int) -> None:
+    """Reset VmHWM (peak RSS) so the next reading is the peak of the next cell only."""
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):
+            Path(f"/proc/{p}/clear_refs").write_text("5")
+
+
+def raise_fd_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# --------------------------------------------------------------------------- wrk
+
+WRK_LUA = """
+wrk.method = "POST"
+wrk.body = [==[%(body)s]==]
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %(key)s"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '\\nWRKJSON {"requests":%%d,"duration_us":%%d,"connect":%%d,"read":%%d,"write":%%d,'
+    .. '"status":%%d,"timeout":%%d,"p50_us":%%d,"p90_us":%%d,"p99_us":%%d,"max_us":%%d}\\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
+"""
+
+
+def ensure_wrk() -> str:
+    exe = shutil.which("wrk")
+    if exe:
+        return exe
+    log("wrk missing: installing it with apt-get ...")
+    subprocess.run(["apt-get", "update", "-qq"], check=False, timeout=300)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "wrk"],
+        check=True,
+        timeout=600,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+    )
+    exe = shutil.which("wrk")
+    if not exe:
+        raise SystemExit("wrk could not be installed")
+    return exe
+
+
+def wrk_version() -> str:
+    out = subprocess.run(["wrk", "-v"], capture_output=True, text=True, timeout=10)
+    return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) else ""
+
+
+def run_wrk(script: Path, url: str, conns: int, seconds: float) -> dict[str, Any]:
+    threads = 1 if conns == 1 else 2
+    cmd = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{conns}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        url,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    for line in out.stdout.splitlines():
+        if line.startswith("WRKJSON "):
+            raw = json.loads(line[len("WRKJSON ") :])
+            secs = raw["duration_us"] / 1e6
+            errors = raw["connect"] + raw["read"] + raw["write"] + raw["timeout"]
+            ok = raw["requests"] - raw["status"]
+            return {
+                "rps": round(ok / secs, 1) if secs else 0.0,
+                "requests": raw["requests"],
+                "non_2xx": raw["status"],
+                "socket_errors": errors,
+                "p50_ms": raw["p50_us"] / 1000,
+                "p90_ms": raw["p90_us"] / 1000,
+                "p99_ms": raw["p99_us"] / 1000,
+                "max_ms": raw["max_us"] / 1000,
+                "duration_s": round(secs, 3),
+            }
+    raise RuntimeError(f"wrk gave no result: {out.stdout[-400:]} {out.stderr[-400:]}")
+
+
+# --------------------------------------------------------------------------- streams
+
+
+@dataclass
+class StreamResult:
+    ok: bool
+    ttft: float | None
+    events: int
+    reason: str = ""
+
+
+async def one_stream(session: aiohttp.ClientSession, url: str, body: bytes) -> StreamResult:
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {MASTER_KEY}"}
+    start = time.perf_counter()
+    ttft: float | None = None
+    chunks: list[bytes] = []
+    try:
+        async with session.post(url, data=body, headers=headers) as resp:
+            if resp.status != 200:
+                await resp.read()
+                return StreamResult(False, None, 0, f"status {resp.status}")
+            async for chunk in resp.content.iter_any():
+                if ttft is None:
+                    ttft = time.perf_counter() - start
+                chunks.append(chunk)
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        return StreamResult(False, ttft, 0, type(exc).__name__)
+    return check_stream(b"".join(chunks), ttft)
+
+
+def check_stream(raw: bytes, ttft: float | None) -> StreamResult:
+    """Every event's text arrived, in order, and the stream ended with [DONE]."""
+    text: list[str] = []
+    events = 0
+    done = False
+    for line in raw.replace(b"\r\n", b"\n").split(b"\n"):
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            done = True
+            continue
+        try:
+            payload = orjson.loads(data)
+            content = payload["choices"][0]["delta"].get("content") if payload["choices"] else None
+        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
+            continue
+        if content:
+            events += 1
+            text.append(content)
+    joined = "".join(text)
+    if joined != EXPECTED_TEXT:
+        return StreamResult(False, ttft, events, "text incomplete")
+    if not done:
+        return StreamResult(False, ttft, events, "no [DONE]")
+    return StreamResult(True, ttft, events)
+
+
+async def stream_cell(url: str, streams: int, limit_s: float) -> dict[str, Any]:
+    body = chat_body(stream=True)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    start = time.perf_counter()
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        tasks = [asyncio.create_task(one_stream(session, url, body)) for _ in range(streams)]
+        done, pending = await asyncio.wait(tasks, timeout=limit_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    wall = time.perf_counter() - start
+    results = [t.result() for t in done if not t.cancelled() and t.exception() is None]
+    reasons = Counter(r.reason for r in results if not r.ok)
+    if pending:
+        reasons[f"unfinished after {limit_s:.0f} s"] += len(pending)
+    ttfts = sorted(r.ttft * 1000 for r in results if r.ok and r.ttft is not None)
+    completed = sum(r.ok for r in results)
+    return {
+        "streams": streams,
+        "completed": completed,
+        "failed": streams - completed,
+        "events_delivered": sum(r.events for r in results),
+        "events_expected": streams * EVENTS,
+        "fail_reasons": dict(reasons),
+        "ttft_p50_ms": percentile(ttfts, 50) if ttfts else None,
+        "ttft_p99_ms": percentile(ttfts, 99) if ttfts else None,
+        "wall_s": round(wall, 3),
+    }
