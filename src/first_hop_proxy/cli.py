@@ -19,12 +19,11 @@ from .config import (
     ConfigError,
     LoadedConfig,
     default_config_path,
-    is_secret_header,
     load_config,
 )
 from .demo import BANNER
 from .error_log import log_config_error
-from .redact import redact_text
+from .redact import is_secret_header, redact_text
 from .rewrite import trial
 from .server import RunningServer, serve_forever
 

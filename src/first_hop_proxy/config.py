@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from .headers import EMPTY_BEARERS
+from .redact import is_secret_header
 
 StatusCode = Annotated[int, Field(ge=100, le=599)]
 NonNegative = Annotated[float, Field(ge=0)]
@@ -506,10 +507,6 @@ def _resolve_folders(config: Config, base_dir: Path) -> Config:
     )
 
 
-SECRET_HEADERS = frozenset(
-    {"authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key", "cookie"}
-)
-SECRET_WORDS = ("key", "token", "secret", "auth", "cookie", "password")
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
@@ -521,12 +518,6 @@ def is_local_host(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def is_secret_header(name: str) -> bool:
-    """A header that carries a credential (``Authorization``, ``X-Api-Key``, ...)."""
-    lower = name.lower()
-    return lower in SECRET_HEADERS or any(word in lower for word in SECRET_WORDS)
 
 
 def _semantic_warnings(config: Config) -> list[str]:

@@ -35,34 +35,30 @@ class BadRequest:
     code: str
 
 
-def bad_request(message: str, code: str) -> BadRequest:
-    return BadRequest(message, code)
-
-
 def parse_chat_request(body: bytes, ex: Exchange) -> ChatRequest | BadRequest:
     """Parse and check the body; a bad one gets a 400 that says what is wrong."""
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        return bad_request(
+        return BadRequest(
             f"The request body is not valid JSON ({exc}). Send an OpenAI chat completions "
             "request: a JSON object with a 'messages' list.",
             "invalid_json",
         )
     if not isinstance(payload, dict):
-        return bad_request(
+        return BadRequest(
             f"The request body is JSON but not an object (got {type(payload).__name__}). "
             "Send a JSON object with a 'messages' list.",
             "invalid_body",
         )
     messages = payload.get("messages")
     if messages is None:
-        return bad_request(
+        return BadRequest(
             "The request has no 'messages' field: a chat completion needs a list of messages.",
             "missing_messages",
         )
     if not isinstance(messages, list):
-        return bad_request(
+        return BadRequest(
             f"'messages' must be a list of message objects (got {type(messages).__name__}).",
             "invalid_messages",
         )

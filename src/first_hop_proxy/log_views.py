@@ -18,6 +18,7 @@ import orjson
 from aiohttp import web
 
 from .error_log import ErrorLog, scan_error_files
+from .errors import error_response
 from .request_log import RequestLog
 from .writer import LogWriter
 
@@ -28,10 +29,7 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 _ENCODED_SEPARATORS = ("%2f", "%5c", "%00", "%2e%2e")
 
 
-def error_response(status: int, message: str, code: str) -> web.Response:
-    """An OpenAI-style error body, so clients show the message."""
-    body = {"error": {"message": message, "type": "invalid_request_error", "code": code}}
-    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+INVALID = "invalid_request_error"
 
 
 def json_response(data: Any) -> web.Response:
@@ -49,7 +47,7 @@ def parse_limit(request: web.Request) -> int | web.Response:
         limit = 0
     if limit < 1:
         return error_response(
-            400, f"limit must be a whole number from 1 to {MAX_LIMIT}", "invalid_limit"
+            400, f"limit must be a whole number from 1 to {MAX_LIMIT}", INVALID, "invalid_limit"
         )
     return min(limit, MAX_LIMIT)
 
@@ -130,10 +128,10 @@ class LogViews:
         """``GET /logs/errors/{name}``: one error log as text."""
         name = request.match_info["name"]
         if not safe_log_name(request, name, _SAFE_NAME):
-            return error_response(400, "invalid error log name", "invalid_log_name")
+            return error_response(400, "invalid error log name", INVALID, "invalid_log_name")
         content = await asyncio.to_thread(read_log_file, self.error_log.folder, name)
         if content is None:
-            return error_response(404, f"no error log named {name}", "log_not_found")
+            return error_response(404, f"no error log named {name}", INVALID, "log_not_found")
         return _text_response(content)
 
     async def requests(self, request: web.Request) -> web.Response:
@@ -154,13 +152,13 @@ class LogViews:
         """``GET /logs/requests/{request_id}``: one request log as text."""
         request_id = request.match_info["request_id"]
         if not safe_log_name(request, request_id, _SAFE_ID):
-            return error_response(400, "invalid request id", "invalid_request_id")
+            return error_response(400, "invalid request id", INVALID, "invalid_request_id")
         path = self.request_log.path_for(request_id)
         content = None
         if path is not None:
             content = await asyncio.to_thread(read_log_file, path.parent, path.name)
         if content is None:
-            return error_response(404, f"no request log for {request_id}", "log_not_found")
+            return error_response(404, f"no request log for {request_id}", INVALID, "log_not_found")
         return _text_response(content)
 
 

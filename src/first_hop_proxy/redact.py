@@ -29,7 +29,8 @@ SECRET_HEADERS = frozenset(
         "set-cookie",
     }
 )
-_SECRET_HEADER_WORDS = ("api-key", "apikey", "token", "secret", "password", "session")
+# Any header whose name has one of these in it is taken to carry a credential.
+_SECRET_HEADER_WORDS = ("key", "auth", "token", "secret", "password", "session", "cookie")
 _AUTH_SCHEMES = frozenset({"bearer", "basic", "token", "digest"})
 
 # JSON keys (compared lower-case with '-' and '_' removed) whose values are secrets.
@@ -158,10 +159,6 @@ class Redactor:
         known = {s.strip() for s in extra_secrets if s and len(s.strip()) >= MIN_KNOWN_SECRET}
         # Longest first, so a secret containing another is replaced whole.
         self._known: tuple[str, ...] = tuple(sorted(known, key=len, reverse=True))
-
-    @property
-    def known_secrets(self) -> tuple[str, ...]:
-        return self._known
 
     def with_secrets(self, extra_secrets: Iterable[str]) -> Redactor:
         """A redactor that also masks ``extra_secrets``."""

@@ -134,16 +134,6 @@ class LogWriter:
         self._queue.put(None)
         await asyncio.to_thread(thread.join)
 
-    def close_sync(self, timeout: float | None = None) -> None:
-        """Blocking form of :meth:`close`, for shutdown paths without a running loop."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout)
-
     async def drain(self) -> None:
         """Wait until every job submitted so far has run."""
         if self._closed or self._thread is None:
