@@ -7,6 +7,7 @@ import os
 import time
 from typing import Any
 
+import orjson
 import pytest
 
 from first_hop_proxy.redact import (
@@ -171,3 +172,39 @@ class TestKnownSecrets:
 
     def test_tiny_known_secret_ignored(self) -> None:
         assert Redactor(["abc"]).text("abc abc") == "abc abc"
+
+
+class TestParsedJson:
+    """``parsed_json`` narrows the search to what the raw text holds: same result as ``obj``."""
+
+    KNOWN = ("sk-known-0123456789abcdef", "plain-secret-1234", 'odd"/\\secret-5678')
+
+    CASES = (
+        b'{"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}',
+        b'{"api_key": "abcdefghijklmnop", "x": [1, 2.5, true, null]}',
+        b'{"aPi_kEy": "abcdefghijklmnop"}',
+        b'{"Cookie": "session=abc", "SET-COOKIE": "x"}',
+        b'{"content": "use sk-abcdefghijklmnopqrstuvwx please"}',
+        b'{"content": "my \\u0073k-abcdefghijklmnopqrstuvwx"}',
+        b'{"content": "Bearer abcdefghijklmnopq and user@host"}',
+        b'{"content": "the key is plain-secret-1234"}',
+        b'{"content": "odd\\"\\/\\\\secret-5678"}',
+        b'{"content": "see https://u:pw1234567@host/x?key=abcdef123456"}',
+        b'{"nested": {"deeper": [{"token": "abcdefghijklmn"}, {"token": 12}]}}',
+        b'{"content": "AIzaSyA1234567890abcdefghijklmnopqrstu"}',
+        b'["sk-known-0123456789abcdef", "x"]',
+        b'"just a string with sk-known-0123456789abcdef"',
+        b"123",
+    )
+
+    @pytest.mark.parametrize("raw", CASES)
+    def test_same_as_obj(self, raw: bytes) -> None:
+        redactor = Redactor(self.KNOWN)
+        parsed = orjson.loads(raw)
+        assert redactor.parsed_json(raw, parsed) == redactor.obj(parsed)
+
+    def test_masks_through_the_narrowed_path(self) -> None:
+        raw = b'{"max_tokens": 5, "content": "a token: sk-abcdefghijklmnopqrstuvwx"}'
+        out = Redactor().parsed_json(raw, orjson.loads(raw))
+        assert "sk-abcdefghijklmnopqrstuvwx" not in out["content"]
+        assert out["max_tokens"] == 5

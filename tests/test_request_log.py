@@ -231,6 +231,31 @@ class TestRequestLog:
         assert {e.request_id for e in log.entries(10)} == {"r2", "r3"}
         await w.close()
 
+    async def test_full_folder_reuses_the_oldest_file(self, tmp_path: Path) -> None:
+        folder = tmp_path / "logs"
+        w = LogWriter()
+        log = RequestLog(cfg(tmp_path, max_files=3), w)
+        for n in range(3):
+            record = full_record()
+            record.request_id = f"r{n}"
+            log.write(record)
+        await w.drain()
+        oldest = next(p for p in folder.glob("*.log") if "_r0" in p.name)
+        inode = oldest.stat().st_ino
+        record = full_record()
+        record.request_id = "r3"
+        log.write(record)
+        await w.close()
+        names = sorted(p.name for p in folder.glob("*.log"))
+        assert len(names) == 3 and not any("_r0" in n for n in names)
+        newest = next(folder.glob("*_r3.log"))
+        assert "Request ID: r3" in newest.read_text()
+        assert newest.read_text().rstrip().endswith("=" * 80)
+        if os.name != "nt":
+            assert newest.stat().st_ino == inode
+        assert [e.request_id for e in log.entries(10)] == ["r3", "r2", "r1"]
+        assert log.status()["pruned"] == 1 and log.status()["files"] == 3
+
 
 class TestWriter:
     async def test_concurrent_submits_all_written(self, tmp_path: Path) -> None:
@@ -326,4 +351,39 @@ class TestWriter:
 
         with pytest.raises(RuntimeError):
             write_new_file(tmp_path / "e.log", render)
+        assert list(tmp_path.iterdir()) == []
+
+    def test_write_new_file_reuses_a_doomed_file(self, tmp_path: Path) -> None:
+        old = tmp_path / "old.log"
+        old.write_text("a long old text that must not survive")
+        inode = old.stat().st_ino
+        new = write_new_file(tmp_path / "new.log", "short", reuse=old)
+        assert new == tmp_path / "new.log"
+        assert new.read_text() == "short"
+        assert not old.exists()
+        if os.name != "nt":
+            assert new.stat().st_ino == inode
+
+    def test_write_new_file_reuse_of_a_missing_file_creates(self, tmp_path: Path) -> None:
+        new = write_new_file(tmp_path / "new.log", "text", reuse=tmp_path / "gone.log")
+        assert new.read_text() == "text"
+
+    def test_write_new_file_reuse_keeps_names_exclusive(self, tmp_path: Path) -> None:
+        (tmp_path / "new.log").write_text("taken")
+        old = tmp_path / "old.log"
+        old.write_text("old")
+        new = write_new_file(tmp_path / "new.log", "text", reuse=old)
+        assert new.name == "new_2.log" and new.read_text() == "text"
+        assert (tmp_path / "new.log").read_text() == "taken"
+        assert not old.exists()
+
+    def test_write_new_file_reuse_failure_leaves_nothing(self, tmp_path: Path) -> None:
+        old = tmp_path / "old.log"
+        old.write_text("old")
+
+        def render(name: str) -> str:
+            raise RuntimeError("render failed")
+
+        with pytest.raises(RuntimeError):
+            write_new_file(tmp_path / "new.log", render, reuse=old)
         assert list(tmp_path.iterdir()) == []

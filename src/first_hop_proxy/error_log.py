@@ -24,7 +24,7 @@ import orjson
 
 from .config import ErrorLogging
 from .redact import Redactor, header_secrets
-from .writer import LogWriter, write_new_file
+from .writer import LogWriter, remove_files, write_new_file
 
 BANNER = "=" * 80
 RULE = "-" * 40
@@ -303,25 +303,26 @@ class ErrorLog:
         self._rotate()
 
     def _write(self, event: ErrorEvent) -> None:
+        doomed = self._due(incoming=1)
         path = self._writer.write_file(
             self.folder / error_file_name(event),
             lambda name: format_error_log(event, self.cfg, name, self._redactor),
+            doomed[0] if doomed else None,
         )
         with self._lock:
             self._files.append(path)
-        self._rotate()
+        self.removed += remove_files(doomed)
 
     def _rotate(self) -> None:
+        self.removed += remove_files(self._due())
+
+    def _due(self, incoming: int = 0) -> list[Path]:
+        """Forget the oldest files past ``max_files``, counting ``incoming`` new ones."""
         with self._lock:
             doomed = []
-            while len(self._files) > self.cfg.max_files:
+            while self._files and len(self._files) + incoming > self.cfg.max_files:
                 doomed.append(self._files.popleft())
-        for path in doomed:
-            try:
-                path.unlink(missing_ok=True)
-                self.removed += 1
-            except OSError:
-                continue
+        return doomed
 
 
 def log_config_error(

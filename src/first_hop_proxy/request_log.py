@@ -22,7 +22,7 @@ import orjson
 
 from .config import Logging
 from .redact import Redactor, header_secrets
-from .writer import LogWriter
+from .writer import LogWriter, remove_files
 
 BANNER = "=" * 80
 RULE = "-" * 40
@@ -257,7 +257,8 @@ def _body_text(body: bytes, redactor: Redactor) -> str:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
         return redactor.text(body.decode("utf-8", errors="replace"))
-    return orjson.dumps(redactor.obj(parsed), option=orjson.OPT_INDENT_2).decode("utf-8")
+    redacted = redactor.parsed_json(body, parsed)
+    return orjson.dumps(redacted, option=orjson.OPT_INDENT_2).decode("utf-8")
 
 
 def _attempt_lines(attempt: AttemptRecord, redactor: Redactor) -> list[str]:
@@ -374,7 +375,8 @@ class RequestLog:
     def _write(self, record: RequestRecord, path: Path) -> None:
         record.assemble_stream()
         text = format_request_log(record, self.cfg, self._redactor)
-        written = self._writer.write_file(path, text)
+        doomed = self._due(incoming=1)
+        written = self._writer.write_file(path, text, doomed[0] if doomed else None)
         entry = RequestEntry(
             request_id=record.request_id,
             file=written.name,
@@ -387,14 +389,18 @@ class RequestLog:
             self._files.append((time.time(), written))
             self._index.pop(entry.request_id, None)
             self._index[entry.request_id] = entry
-        self._prune()
+        self.pruned += remove_files(doomed)
 
     def _prune(self) -> None:
+        self.pruned += remove_files(self._due())
+
+    def _due(self, incoming: int = 0) -> list[Path]:
+        """Forget the files past ``max_files`` (counting ``incoming`` new ones) or too old."""
         cutoff = time.time() - self.cfg.max_age_days * SECONDS_PER_DAY
         doomed: list[Path] = []
         with self._lock:
             while self._files and (
-                len(self._files) > self.cfg.max_files or self._files[0][0] < cutoff
+                len(self._files) + incoming > self.cfg.max_files or self._files[0][0] < cutoff
             ):
                 doomed.append(self._files.popleft()[1])
             if doomed:
@@ -409,12 +415,7 @@ class RequestLog:
                             break
                 for request_id in stale:
                     del self._index[request_id]
-        for path in doomed:
-            try:
-                path.unlink(missing_ok=True)
-                self.pruned += 1
-            except OSError:
-                continue
+        return doomed
 
 
 def _entry_from_file(path: Path) -> RequestEntry | None:

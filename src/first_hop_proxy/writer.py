@@ -44,26 +44,66 @@ def _create(path: Path) -> int:
         return os.open(path, CREATE_FLAGS, 0o644)
 
 
-def write_new_file(path: str | os.PathLike[str], text: str | Callable[[str], str]) -> Path:
+OVERWRITE_FLAGS = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+
+
+def _reuse(old: Path, new: Path) -> int | None:
+    """Move ``old`` (a file due for removal) to the free name ``new`` and open it for writing.
+
+    Creating a file allocates an inode; on ext4, after many deletions (a log
+    folder at ``max_files`` deletes one file per file it writes), that search
+    costs 150-800 us of CPU per file, against about 20 us for this. Returns None
+    when ``old`` cannot be reused (gone, no hard links on this file system);
+    raises FileExistsError, like an exclusive create, when ``new`` is taken.
+    """
+    try:
+        os.link(old, new)
+    except FileExistsError:
+        raise
+    except OSError:
+        return None
+    try:
+        os.unlink(old)
+        return os.open(new, OVERWRITE_FLAGS)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(new)
+        return None
+
+
+def write_new_file(
+    path: str | os.PathLike[str],
+    text: str | Callable[[str], str],
+    reuse: Path | None = None,
+) -> Path:
     """Create ``path`` (or ``name_2.ext``, ``name_3.ext``…) and write ``text`` in one go.
 
     Exclusive create means two events never overwrite each other's file; the
     path actually used is returned. ``text`` may be a function of the chosen
     file name, for files that mention their own name. Plain ``os`` calls: a
     buffered file object adds system calls that one write does not need.
+    ``reuse`` names a file the caller is about to delete (the oldest log): when
+    it can, its inode is given the new name and overwritten instead, so it no
+    longer exists under its old name afterwards.
     """
     target = Path(path)
     for n in range(1, MAX_NAME_SUFFIX):
         candidate = target if n == 1 else target.with_name(f"{target.stem}_{n}{target.suffix}")
         try:
-            fd = _create(candidate)
+            fd = _reuse(reuse, candidate) if reuse is not None else None
+            if fd is None:
+                reuse = None
+                fd = _create(candidate)
         except FileExistsError:
             continue
         try:
             content = text(candidate.name) if callable(text) else text
             data = memoryview(content.encode("utf-8", errors="replace"))
+            size = len(data)
             while data:
                 data = data[os.write(fd, data) :]
+            if reuse is not None:
+                os.ftruncate(fd, size)  # cheaper than O_TRUNC, which frees every block first
         except BaseException:
             os.close(fd)
             candidate.unlink(missing_ok=True)  # no half-written or empty logs
@@ -71,6 +111,22 @@ def write_new_file(path: str | os.PathLike[str], text: str | Callable[[str], str
         os.close(fd)
         return candidate
     raise FileExistsError(f"no free file name near {target}")
+
+
+def remove_files(paths: list[Path]) -> int:
+    """Delete ``paths``, skipping any that fail; returns how many are gone now.
+
+    A file already missing counts as removed: the first file of a prune may
+    have been reused for the newest log (see ``write_new_file``).
+    """
+    removed = 0
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            continue
+        removed += 1
+    return removed
 
 
 #: How far the writer may fall behind before new jobs are dropped (and counted):
@@ -156,9 +212,14 @@ class LogWriter:
         """Queue writing ``text`` to a new file at ``path``."""
         self.submit_call(lambda: self.write_file(path, text))
 
-    def write_file(self, path: str | os.PathLike[str], text: str | Callable[[str], str]) -> Path:
+    def write_file(
+        self,
+        path: str | os.PathLike[str],
+        text: str | Callable[[str], str],
+        reuse: Path | None = None,
+    ) -> Path:
         """Write a new file now (call on the worker thread); counted in ``written``."""
-        written = write_new_file(path, text)
+        written = write_new_file(path, text, reuse)
         self.written += 1
         return written
 
