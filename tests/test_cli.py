@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import subprocess
 import sys
@@ -15,6 +16,8 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
+
+from first_hop_proxy.server import GC_THRESHOLDS, tune_gc
 
 from .conftest import REPO, chat_body, clean_env, free_port
 from .fake_upstream import FakeUpstream, Json
@@ -388,3 +391,14 @@ async def test_demo_mode(tmp_path: Path) -> None:
     assert "DEMO MODE" in proxy.stderr
     assert "target_proxy.url" in proxy.stderr
     assert not (tmp_path / "config.yaml").exists()
+
+
+def test_tune_gc_freezes_start_up_objects_and_collects_less_often() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
-from first_hop_proxy.writer import LogWriter
+from first_hop_proxy.writer import WRITER_NICE, LogWriter
 
 
 async def test_jobs_beyond_the_bound_are_dropped_and_counted(
@@ -41,3 +46,40 @@ async def test_byte_budget_counts_queued_data_and_frees_it() -> None:
     assert writer.submit_call(lambda: None, size=60)  # the first one's bytes are freed
     await writer.close()
     assert writer.dropped == 1
+
+
+async def test_jobs_run_without_drain_within_the_batch_interval(tmp_path: Path) -> None:
+    writer = LogWriter(interval=0.05)
+    await writer.start()
+    writer.submit(tmp_path / "a.log", "text")
+    deadline = time.monotonic() + 5
+    while not (tmp_path / "a.log").exists() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert (tmp_path / "a.log").read_text() == "text"
+    await writer.close()
+
+
+async def test_drain_does_not_wait_for_the_batch_interval(tmp_path: Path) -> None:
+    writer = LogWriter(interval=30)
+    await writer.start()
+    await asyncio.sleep(0.05)  # the thread is now asleep for up to 30 s
+    writer.submit(tmp_path / "a.log", "text")
+    started = time.monotonic()
+    await writer.drain()
+    assert (tmp_path / "a.log").read_text() == "text"
+    writer.submit(tmp_path / "b.log", "last")
+    await writer.close()
+    assert (tmp_path / "b.log").read_text() == "last"
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread nice values are Linux's")
+async def test_writer_thread_runs_at_a_lower_priority() -> None:
+    seen: list[int] = []
+    writer = LogWriter()
+    writer.submit_call(
+        lambda: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+    )
+    await writer.close()
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert seen == [min(19, base + WRITER_NICE)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from dataclasses import dataclass
 
@@ -15,6 +16,21 @@ from .state import STATE
 
 # A burst of hundreds of SillyTavern connections must not overflow the listen queue.
 BACKLOG = 4096
+# Collections of the young generation every 20,000 net allocations instead of 700:
+# a request allocates hundreds of objects, so the default collects several times
+# per request, and the older generations then get walked often too.
+GC_THRESHOLDS = (20_000, 20, 50)
+
+
+def tune_gc() -> None:
+    """Fewer garbage collections, none of which walks the objects made at start-up.
+
+    ``gc.freeze`` moves everything alive now (modules, the app, the compiled
+    config) out of the collector's sight; it stays alive for the whole run.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 @dataclass(eq=False)
@@ -68,6 +84,7 @@ async def serve_forever(
 ) -> None:
     """Serve until SIGINT or SIGTERM, then shut down gracefully."""
     running = await start(loaded, host, port)
+    tune_gc()
     if callable(on_ready):
         on_ready(running)
     stop = asyncio.Event()
