@@ -322,12 +322,11 @@ class RequestLog:
         """Queue formatting and writing of ``record``; returns at once."""
         if not self.cfg.enabled:
             return
-        path = self.folder / log_file_name(record)
         size = len(record.body) + len(record.original_body or b"")
         size += len(record.response_body or b"")
         size += sum(len(piece) for parts in record.stream_text.values() for piece in parts)
         size += sum(map(len, record.stream_data))
-        self._writer.submit_call(lambda: self._write(record, path), size)
+        self._writer.submit_call(lambda: self._write(record), size)
 
     def entries(self, limit: int) -> list[RequestEntry]:
         """Newest first."""
@@ -372,10 +371,11 @@ class RequestLog:
                 with self._lock:
                     self._index[entry.request_id] = entry
 
-    def _write(self, record: RequestRecord, path: Path) -> None:
+    def _write(self, record: RequestRecord) -> None:
         record.assemble_stream()
         text = format_request_log(record, self.cfg, self._redactor)
         doomed = self._due(incoming=1)
+        path = self.folder / log_file_name(record)
         written = self._writer.write_file(path, text, doomed[0] if doomed else None)
         entry = RequestEntry(
             request_id=record.request_id,

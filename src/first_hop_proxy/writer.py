@@ -140,7 +140,7 @@ def remove_files(paths: list[Path]) -> int:
 
 #: How far the writer may fall behind before new jobs are dropped (and counted):
 #: memory must not grow with load. At a chat front-end's pace it is never reached.
-MAX_QUEUED_JOBS = 5_000
+MAX_QUEUED_JOBS = 2_000
 MAX_QUEUED_BYTES = 256 * 1024 * 1024
 
 
