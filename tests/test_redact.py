@@ -186,6 +186,8 @@ class TestParsedJson:
         b'{"Cookie": "session=abc", "SET-COOKIE": "x"}',
         b'{"content": "use sk-abcdefghijklmnopqrstuvwx please"}',
         b'{"content": "my \\u0073k-abcdefghijklmnopqrstuvwx"}',
+        b'{"content": "rewritten \\\\u002d text, sk-abcdefghijklmnopqrstuvwx"}',
+        b'{"content": "odd \\\\\\u0073k-abcdefghijklmnopqrstuvwx"}',
         b'{"content": "Bearer abcdefghijklmnopq and user@host"}',
         b'{"content": "the key is plain-secret-1234"}',
         b'{"content": "odd\\"\\/\\\\secret-5678"}',

@@ -99,6 +99,8 @@ _HINT_GROUPS = tuple(
     (low.encode(), tuple(h for h in _HINTS if h.lower() == low))
     for low in dict.fromkeys(h.lower() for h in _HINTS)
 )
+# A JSON unicode escape: backslash-u, where the backslash is not itself escaped.
+_UNICODE_ESCAPE: Any = regex.compile(rb"(?<!\\)(?:\\\\)*\\u")
 # Characters JSON may write as escapes: a secret holding one cannot be found in raw JSON.
 _ESCAPABLE = frozenset('"\\/') | frozenset(map(chr, range(32)))
 _QUERY_KEYS = frozenset({"key", "api_key", "apikey", "api-key", "access_token", "token"})
@@ -206,8 +208,8 @@ class Redactor:
         nowhere in ``raw`` cannot be in any of its strings, so each string is
         checked only for those that are (usually none or one, against sixteen).
         """
-        if b"\\u" in raw:  # an escape could spell a hint that the raw text does not show
-            return self.obj(parsed)
+        if b"\\u" in raw and _UNICODE_ESCAPE.search(raw):
+            return self.obj(parsed)  # an escape could spell a hint the raw text does not show
         known = tuple(s for s in self._known if _ESCAPABLE.intersection(s) or s.encode() in raw)
         lowered = raw.lower()
         hints = tuple(h for low, group in _HINT_GROUPS if low in lowered for h in group)
