@@ -205,6 +205,26 @@ class TestParsedJson:
         parsed = orjson.loads(raw)
         assert redactor.parsed_json(raw, parsed) == redactor.obj(parsed)
 
+    def test_inline_image_with_hint_letters_and_a_known_key(self) -> None:
+        image = "data:image/png;base64," + "QUJDkeyREVG" * 1000
+        raw = orjson.dumps(
+            {"messages": [{"content": [{"image_url": {"url": image}}, "plain-secret-1234"]}]}
+        )
+        redactor = Redactor(self.KNOWN)
+        parsed = orjson.loads(raw)
+        out = redactor.parsed_json(raw, parsed)
+        assert out == redactor.obj(parsed)
+        assert out["messages"][0]["content"][0]["image_url"]["url"] == image
+        assert "plain-secret-1234" not in orjson.dumps(out).decode()
+
+    def test_nothing_to_mask_returns_the_parsed_object(self) -> None:
+        raw = self.CASES[0]
+        parsed = orjson.loads(raw)
+        assert Redactor(self.KNOWN).parsed_json(raw, parsed) is parsed
+        secret = b'{"max_tokens": 5, "api_key": "abcdefghijklmnop"}'
+        parsed = orjson.loads(secret)
+        assert Redactor().parsed_json(secret, parsed) is not parsed
+
     def test_masks_through_the_narrowed_path(self) -> None:
         raw = b'{"max_tokens": 5, "content": "a token: sk-abcdefghijklmnopqrstuvwx"}'
         out = Redactor().parsed_json(raw, orjson.loads(raw))

@@ -256,6 +256,31 @@ class TestRequestLog:
         assert [e.request_id for e in log.entries(10)] == ["r3", "r2", "r1"]
         assert log.status()["pruned"] == 1 and log.status()["files"] == 3
 
+    async def test_a_failed_write_still_prunes_what_it_forgot(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        folder = tmp_path / "logs"
+        w = LogWriter()
+        log = RequestLog(cfg(tmp_path, max_files=2), w)
+        for n in range(2):
+            record = full_record()
+            record.request_id = f"r{n}"
+            log.write(record)
+        await w.drain()
+
+        def broken(*args: object, **kwargs: object) -> Path:
+            raise OSError("disk full")
+
+        monkeypatch.setattr(w, "write_file", broken)
+        record = full_record()
+        record.request_id = "r2"
+        log.write(record)
+        await w.close()
+        names = sorted(p.name for p in folder.glob("*.log"))
+        assert len(names) == 1 and "_r1" in names[0]  # r0 was due: removed, not orphaned
+        assert log.status()["files"] == 1 and w.failures == 1
+        assert [e.request_id for e in log.entries(10)] == ["r1"]
+
 
 class TestWriter:
     async def test_concurrent_submits_all_written(self, tmp_path: Path) -> None:

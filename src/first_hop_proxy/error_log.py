@@ -304,14 +304,16 @@ class ErrorLog:
 
     def _write(self, event: ErrorEvent) -> None:
         doomed = self._due(incoming=1)
-        path = self._writer.write_file(
-            self.folder / error_file_name(event),
-            lambda name: format_error_log(event, self.cfg, name, self._redactor),
-            doomed[0] if doomed else None,
-        )
+        try:
+            path = self._writer.write_file(
+                self.folder / error_file_name(event),
+                lambda name: format_error_log(event, self.cfg, name, self._redactor),
+                doomed[0] if doomed else None,
+            )
+        finally:  # forgotten by _due: removed even when this log could not be written
+            self.removed += remove_files(doomed)
         with self._lock:
             self._files.append(path)
-        self.removed += remove_files(doomed)
 
     def _rotate(self) -> None:
         self.removed += remove_files(self._due())

@@ -207,12 +207,15 @@ class Redactor:
         Faster for the same result: a known secret or a key-shape hint that is
         nowhere in ``raw`` cannot be in any of its strings, so each string is
         checked only for those that are (usually none or one, against sixteen).
+        When nothing needs masking, ``parsed`` itself is returned, not a copy.
         """
         if b"\\u" in raw and _UNICODE_ESCAPE.search(raw):
             return self.obj(parsed)  # an escape could spell a hint the raw text does not show
         known = tuple(s for s in self._known if _ESCAPABLE.intersection(s) or s.encode() in raw)
         lowered = raw.lower()
         hints = tuple(h for low, group in _HINT_GROUPS if low in lowered for h in group)
+        if _clean(parsed, known, hints):
+            return parsed
         return self._obj(parsed, known, hints)
 
     def _obj(self, obj: Any, known: tuple[str, ...], hints: tuple[str, ...]) -> Any:
@@ -251,6 +254,41 @@ class Redactor:
             if hint in text:
                 return str(_SECRET_RE.sub(_mask_match, text, concurrent=True))
         return text
+
+
+def _clean(obj: Any, known: tuple[str, ...], hints: tuple[str, ...]) -> bool:
+    """True when masking would leave ``obj`` as it is: no secret-named field holds a
+    string, and no string holds a known secret or a hint (inline images: a known
+    secret), as :meth:`Redactor._obj` would look for them.
+
+    Cheaper than building the masked copy; anything unusual counts as not clean.
+    """
+    kind = type(obj)
+    if kind is str:
+        if len(obj) > 4096 and obj.startswith("data:") and _DATA_URL_RE.match(obj):
+            hints = ()
+        for needle in known:
+            if needle in obj:
+                return False
+        for needle in hints:  # noqa: SIM110 (plain loops: a generator costs more here)
+            if needle in obj:
+                return False
+        return True
+    if kind is dict:
+        for key, value in obj.items():
+            if type(key) is not str:
+                return False
+            if type(value) is str and is_secret_key(key):
+                return False
+            if not _clean(value, known, hints):
+                return False
+        return True
+    if kind is list:
+        for item in obj:  # noqa: SIM110
+            if not _clean(item, known, hints):
+                return False
+        return True
+    return kind in _SCALARS
 
 
 def _mask_match(match: Any) -> str:

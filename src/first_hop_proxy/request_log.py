@@ -376,7 +376,10 @@ class RequestLog:
         text = format_request_log(record, self.cfg, self._redactor)
         doomed = self._due(incoming=1)
         path = self.folder / log_file_name(record)
-        written = self._writer.write_file(path, text, doomed[0] if doomed else None)
+        try:
+            written = self._writer.write_file(path, text, doomed[0] if doomed else None)
+        finally:  # forgotten by _due: removed even when this log could not be written
+            self.pruned += remove_files(doomed)
         entry = RequestEntry(
             request_id=record.request_id,
             file=written.name,
@@ -389,7 +392,6 @@ class RequestLog:
             self._files.append((time.time(), written))
             self._index.pop(entry.request_id, None)
             self._index[entry.request_id] = entry
-        self.pruned += remove_files(doomed)
 
     def _prune(self) -> None:
         self.pruned += remove_files(self._due())

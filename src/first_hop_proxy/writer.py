@@ -61,7 +61,7 @@ def _reuse(old: Path, new: Path) -> int | None:
 
     Creating a file allocates an inode; on ext4, after many deletions (a log
     folder at ``max_files`` deletes one file per file it writes), that search
-    costs 150-800 us of CPU per file, against about 20 us for this. Returns None
+    costs 150-870 us of CPU per file, against about 20 us for this. Returns None
     when ``old`` cannot be reused (gone, no hard links on this file system);
     raises FileExistsError, like an exclusive create, when ``new`` is taken.
     """
