@@ -93,6 +93,16 @@ def chat_body(stream: bool = False, text: str = "Hi", **extra: Any) -> dict[str,
     }
 
 
+async def wait_until(condition: Callable[[], object], seconds: float) -> None:
+    """Poll ``condition`` every 10 ms until it is true or ``seconds`` have passed.
+
+    It does not assert: the caller checks what it expects afterwards.
+    """
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (bound, then released)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -16,7 +16,7 @@ import pytest
 
 from first_hop_proxy.server import RunningServer
 
-from .conftest import StartProxy, chat_body
+from .conftest import StartProxy, chat_body, wait_until
 from .fake_upstream import FakeUpstream, Hang, Json, Reset, completion
 
 CHAT = "/v1/chat/completions"
@@ -335,12 +335,12 @@ async def test_every_state_change_is_logged(
     for line, move in zip(moves, expected, strict=True):
         assert move in line, moves
     folder = tmp_path / "logs" / "errors"
-    files: list[Path] = []
-    for _ in range(100):
-        files = [f for f in folder.glob("*.log") if "circuit" in f.name] if folder.exists() else []
-        if len(files) >= len(expected):
-            break
-        await asyncio.sleep(0.02)
+
+    def circuit_logs() -> list[Path]:
+        return [f for f in folder.glob("*.log") if "circuit" in f.name]
+
+    await wait_until(lambda: len(circuit_logs()) >= len(expected), 2)
+    files = circuit_logs()
     assert len(files) == len(expected), files
     text = "\n".join(f.read_text() for f in files)
     for move in expected:

@@ -19,7 +19,7 @@ import pytest
 
 from first_hop_proxy.server import GC_THRESHOLDS, tune_gc
 
-from .conftest import REPO, chat_body, clean_env, free_port
+from .conftest import REPO, chat_body, clean_env, free_port, wait_until
 from .fake_upstream import FakeUpstream, Json
 
 KEY = "sk-live-0123456789abcdefWXYZ"
@@ -311,10 +311,7 @@ async def test_graceful_shutdown_finishes_in_flight(tmp_path: Path) -> None:
                 request = asyncio.create_task(
                     session.post(proxy.url + "/v1/chat/completions", json=chat_body())
                 )
-                for _ in range(300):
-                    if upstream.calls:
-                        break
-                    await asyncio.sleep(0.01)
+                await wait_until(lambda: upstream.calls, 3)
                 assert upstream.calls == 1
                 proxy.process.send_signal(signal.SIGTERM)
                 resp = await asyncio.wait_for(request, 5)
@@ -342,10 +339,7 @@ async def test_graceful_shutdown_stops_accepting(tmp_path: Path) -> None:
             request = asyncio.create_task(
                 session.post(proxy.url + "/v1/chat/completions", json=chat_body())
             )
-            for _ in range(300):
-                if upstream.calls:
-                    break
-                await asyncio.sleep(0.01)
+            await wait_until(lambda: upstream.calls, 3)
             proxy.process.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.3)
             with pytest.raises(aiohttp.ClientConnectionError):

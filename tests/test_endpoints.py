@@ -12,7 +12,7 @@ import pytest
 from first_hop_proxy import __version__
 from first_hop_proxy.server import RunningServer
 
-from .conftest import StartProxy, chat_body, free_port, raw_request
+from .conftest import StartProxy, chat_body, free_port, raw_request, wait_until
 from .fake_upstream import FakeUpstream, Hang, Json, Reset, completion
 
 CHAT_PATHS = ["/chat/completions", "/v1/chat/completions", "//chat/completions"]
@@ -182,10 +182,7 @@ async def test_health_detailed_counters(
     async with client.post(proxy.url + "/v1/chat/completions", data=b"nope") as resp:
         assert resp.status == 400
     slow = asyncio.create_task(client.post(proxy.url + "/v1/chat/completions", json=chat_body()))
-    for _ in range(100):
-        if upstream.calls == 3:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: upstream.calls == 3, 1)
     async with client.get(proxy.url + "/health/detailed") as resp:
         counters = (await resp.json())["counters"]
     assert counters["requests"] == 4
@@ -577,17 +574,11 @@ async def test_client_leaves_while_upstream_hangs(
     ).encode() + body
     writer.write(request)
     await writer.drain()
-    for _ in range(200):
-        if upstream.calls:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: upstream.calls, 2)
     assert upstream.calls == 1
     writer.close()
     left = time.monotonic()
-    for _ in range(100):
-        if upstream.disconnects:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: upstream.disconnects, 1)
     assert upstream.disconnects, "the upstream request was not aborted"
     assert upstream.disconnects[0] - left < 1
 

@@ -17,7 +17,7 @@ import pytest
 
 from first_hop_proxy.server import RunningServer
 
-from .conftest import StartProxy, chat_body
+from .conftest import StartProxy, chat_body, wait_until
 from .fake_upstream import FakeUpstream, Hang, Json, Reset, completion
 
 CHAT = "/v1/chat/completions"
@@ -247,11 +247,8 @@ async def test_recategorization_is_logged(
     answer = await ask(client, proxy)
     assert answer.status == 200 and upstream.calls == 2
     folder = tmp_path / "logs" / "errors"
-    for _ in range(100):
-        files = list(folder.glob("recategorized_*.log")) if folder.exists() else []
-        if files:
-            break
-        await asyncio.sleep(0.02)
+    await wait_until(lambda: list(folder.glob("recategorized_*.log")), 2)
+    files = list(folder.glob("recategorized_*.log"))
     assert files, list(folder.iterdir()) if folder.exists() else "no error log folder"
     text = files[0].read_text()
     assert "200" in text and "429" in text and "The model is overloaded" in text
@@ -691,10 +688,7 @@ async def test_client_leaving_cancels_the_upstream_attempt(
         with pytest.raises(asyncio.TimeoutError):
             async with short.post(proxy.url + CHAT, json=chat_body()) as resp:
                 await resp.read()
-    for _ in range(50):
-        if upstream.disconnects:
-            break
-        await asyncio.sleep(0.02)
+    await wait_until(lambda: upstream.disconnects, 1)
     assert upstream.disconnects
     await asyncio.sleep(0.2)
     assert upstream.calls == 1

@@ -11,7 +11,7 @@ import orjson
 
 from first_hop_proxy.server import RunningServer
 
-from .conftest import StartProxy, chat_body
+from .conftest import StartProxy, chat_body, wait_until
 from .fake_upstream import FakeUpstream, Sse, chunk, text_chunks
 
 CHAT = "/v1/chat/completions"
@@ -147,10 +147,7 @@ async def test_client_leaves_mid_stream(
     assert first.startswith(b"data: ")
     resp.close()  # drop the connection, as a browser abort does
     left = time.monotonic()
-    for _ in range(150):
-        if upstream.disconnects:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: upstream.disconnects, 1.5)
     assert upstream.disconnects, "the upstream stream was not aborted"
     assert upstream.disconnects[0] - left < 1
 
@@ -161,17 +158,11 @@ async def test_client_leaves_before_first_content(
     """Leaving while the proxy still waits for the first token aborts the upstream too."""
     upstream.queue(Sse([chunk(role=True, text=""), chunk("late")], gap=5))
     task = asyncio.create_task(client.post(proxy.url + CHAT, json=chat_body(stream=True)))
-    for _ in range(200):
-        if upstream.calls:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: upstream.calls, 2)
     await asyncio.sleep(0.05)
     task.cancel()
     left = time.monotonic()
-    for _ in range(150):
-        if upstream.disconnects:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: upstream.disconnects, 1.5)
     assert upstream.disconnects, "the upstream stream was not aborted"
     assert upstream.disconnects[0] - left < 1
 

@@ -14,6 +14,8 @@ import pytest
 
 from first_hop_proxy.writer import WRITER_NICE, LogWriter
 
+from .conftest import wait_until
+
 
 async def test_jobs_beyond_the_bound_are_dropped_and_counted(
     caplog: pytest.LogCaptureFixture,
@@ -52,9 +54,7 @@ async def test_jobs_run_without_drain_within_the_batch_interval(tmp_path: Path) 
     writer = LogWriter(interval=0.05)
     await writer.start()
     writer.submit(tmp_path / "a.log", "text")
-    deadline = time.monotonic() + 5
-    while not (tmp_path / "a.log").exists() and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
+    await wait_until((tmp_path / "a.log").exists, 5)
     assert (tmp_path / "a.log").read_text() == "text"
     await writer.close()
 
