@@ -32,27 +32,33 @@ def delay_for(retry_number: int, base: float, cap: float, jitter: float) -> floa
     return max(0.0, min(raw, cap))
 
 
-def parse_retry_after(value: str | None, now: float) -> float | None:
+def _number(text: str) -> float | None:
+    """``text`` as a finite number, or None."""
+    try:
+        value = float(text.strip())
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def parse_retry_after(value: str | None, now: float | None) -> float | None:
     """Seconds to wait according to a ``Retry-After`` header value.
 
     Accepts delta-seconds (``"30"``, also ``"1.5"`` which some proxies send) or
     an HTTP date, compared with ``now`` (Unix time). A time in the past means
     "now": 0. Anything unreadable is ``None`` so the caller falls back to its
-    own backoff rather than trusting garbage.
+    own backoff rather than trusting garbage; so is a date when ``now`` is None.
     """
     if value is None:
         return None
     text = value.strip()
     if not text:
         return None
-    try:
-        seconds = float(text)
-    except ValueError:
-        pass
-    else:
-        if not math.isfinite(seconds):
-            return None
+    seconds = _number(text)
+    if seconds is not None:
         return max(seconds, 0.0)
+    if now is None:
+        return None
     try:
         when = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError, OverflowError):
@@ -71,19 +77,7 @@ def retry_after_from_headers(headers: Mapping[str, str], now: float | None) -> f
     """
     millis = headers.get("retry-after-ms")
     if millis is not None:
-        try:
-            value = float(millis.strip())
-        except ValueError:
-            value = math.nan
-        if math.isfinite(value):
+        value = _number(millis)
+        if value is not None:
             return max(value / 1000.0, 0.0)
-    raw = headers.get("retry-after")
-    if raw is None:
-        return None
-    if now is None:
-        try:
-            seconds = float(raw.strip())
-        except ValueError:
-            return None
-        return max(seconds, 0.0) if math.isfinite(seconds) else None
-    return parse_retry_after(raw, now)
+    return parse_retry_after(headers.get("retry-after"), now)
