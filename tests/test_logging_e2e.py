@@ -365,6 +365,18 @@ async def test_recategorization_error_log(
     assert error_details(retry.read_text())["retry_attempt"] == 1
 
 
+async def test_body_too_large_is_logged_with_its_413(
+    start_proxy: StartProxy, client: aiohttp.ClientSession, logs: Path
+) -> None:
+    proxy = await start_proxy({"server": {"max_body_mb": 0.001}})
+    status, rid, _ = await post(client, proxy, chat_body(text="x" * 5000))
+    assert status == 413
+    await settle(proxy)
+    text = request_logs(logs)[rid].read_text()
+    assert "Final Status: 413" in text
+    assert state_of(proxy).counters.by_status[413] == 1
+
+
 async def test_bad_request_error_log(
     start_proxy: StartProxy, client: aiohttp.ClientSession, errors: Path
 ) -> None:

@@ -87,6 +87,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         response = await handle(ex)
         status = response.status
         return response
+    except web.HTTPException as exc:  # e.g. 413 from reading a body over max_body_mb
+        status = exc.status
+        raise
     except asyncio.CancelledError:
         status = 499
         ex.outcome_note = "client went away"

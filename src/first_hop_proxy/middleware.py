@@ -85,12 +85,10 @@ def front_door(origins: list[str]) -> Middleware:
         if counters is not None:
             counters.requests += 1
             counters.in_flight += 1
-        status = 499  # the client went away before an answer
         try:
             response = await handler(request)
         except web.HTTPException as exc:
             if exc.status < 400:
-                status = exc.status
                 raise
             response = http_error(exc, request)
         except Exception as exc:
@@ -106,9 +104,8 @@ def front_door(origins: list[str]) -> Middleware:
         finally:
             if counters is not None:
                 counters.in_flight -= 1
-        status = response.status
         if counters is not None:
-            counters.by_status[status] += 1
+            counters.by_status[response.status] += 1
         return response
 
     return middleware
