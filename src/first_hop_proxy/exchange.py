@@ -94,13 +94,18 @@ def failure_body(ex: Exchange, decision: Decision) -> bytes:
     return orjson.dumps(ex.redactor().obj(error_body(decision, ex.calls, ex.elapsed())))
 
 
+def note_failure(ex: Exchange, decision: Decision) -> None:
+    """Record a FAIL or HARD_STOP for the request log and the console line."""
+    ex.outcome_note = decision.error_type or "failed"
+    ex.record.error = decision.reason
+
+
 def failure_response(ex: Exchange, decision: Decision) -> web.Response:
     """A FAIL or HARD_STOP decision, as the JSON error the client gets."""
     headers = {}
     if decision.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(decision.retry_after)))
-    ex.outcome_note = decision.error_type or "failed"
-    ex.record.error = decision.reason
+    note_failure(ex, decision)
     return web.Response(
         status=decision.client_status,
         body=failure_body(ex, decision),

@@ -18,7 +18,8 @@ from aiohttp import web
 
 from .attempts import attempt_until_decided
 from .decisions import Action, Outcome, decide
-from .exchange import ChatRequest, Exchange, failure_body, failure_response
+from .errors import error_body
+from .exchange import ChatRequest, Exchange, failure_body, failure_response, note_failure
 from .headers import client_headers
 from .sse import DONE, comment, event_data, frame
 from .upstream import TRANSPORT_ERRORS, Reply, describe_failure, open_stream
@@ -77,8 +78,7 @@ async def relay_stream(ex: Exchange, chat: ChatRequest) -> web.StreamResponse:
             reply.close()
         if out is None:
             return failure_response(ex, decision)
-        ex.outcome_note = decision.error_type or "failed"
-        ex.record.error = decision.reason
+        note_failure(ex, decision)
         await out.write(frame(failure_body(ex, decision)) + frame(DONE))
         await out.write_eof()
         return out
@@ -136,6 +136,14 @@ async def pump(ex: Exchange, out: web.StreamResponse, reply: Reply) -> None:
     record = ex.record
     record.first_content = time.monotonic() - record.started_mono
     interrupted: bytes | None = None
+
+    async def emit(chunks: list[dict[str, Any]]) -> None:
+        """Send chunks the reply rules produced (and keep their text for the log)."""
+        for chunk in chunks:
+            if observing:
+                record.add_chunk(chunk)
+            await out.write(frame(orjson.dumps(chunk)))
+
     try:
         async for event in upstream_events(reply):
             record.stream_events += 1
@@ -154,18 +162,12 @@ async def pump(ex: Exchange, out: web.StreamResponse, reply: Reply) -> None:
             payload = parse_event(data)
             if payload is None:
                 if data == DONE:
-                    for chunk in rewriting.flush():
-                        record.add_chunk(chunk)
-                        await out.write(frame(orjson.dumps(chunk)))
+                    await emit(rewriting.flush())
                 await out.write(event + b"\n\n")
                 continue
-            for chunk in rewriting.feed(payload):
-                record.add_chunk(chunk)
-                await out.write(frame(orjson.dumps(chunk)))
+            await emit(rewriting.feed(payload))
         if rewriting is not None:
-            for chunk in rewriting.flush():
-                record.add_chunk(chunk)
-                await out.write(frame(orjson.dumps(chunk)))
+            await emit(rewriting.flush())
             ex.rule_timeouts(rewriting.timeouts)
     except TRANSPORT_ERRORS as exc:
         transport = ex.request.transport
@@ -181,9 +183,7 @@ async def pump(ex: Exchange, out: web.StreamResponse, reply: Reply) -> None:
         record.error = message
         ex.error_event(kind, "StreamInterrupted", message, context={"after_content": True})
         error_type = "timeout" if kind == "timeout" else "connection_error"
-        interrupted = orjson.dumps(
-            {"error": {"message": text, "type": error_type, "code": "stream_interrupted"}}
-        )
+        interrupted = error_body(text, error_type, "stream_interrupted")
     finally:
         reply.close()
     if interrupted is not None:
@@ -204,7 +204,7 @@ def error_after_content(ex: Exchange, event: bytes) -> bytes | None:
         return None
     text = (data or b"").decode("utf-8", "replace")
     decision = decide(
-        Outcome(status=200, body=text, stream=True, stream_error_event=text),
+        Outcome(status=200, body=text, stream=True, stream_error_event=text, json=payload),
         ex.history,
         ex.state.policy,
         now=time.time(),
