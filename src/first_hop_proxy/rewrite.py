@@ -44,7 +44,7 @@ from typing import Any
 import orjson
 import regex  # type: ignore[import-untyped, unused-ignore]
 
-from .config import Config, MessageRule, RewriteRule, compile_flags, template_problem
+from .config import ROLES, Config, MessageRule, RewriteRule, compile_flags, template_problem
 
 REQUEST_SECTION = "regex_replacement"
 RESPONSE_SECTION = "response_processing"
@@ -308,7 +308,15 @@ class _Holdback:
 class _Engine:
     """One section's compiled rules and how to run them over a batch of texts."""
 
-    __slots__ = ("all_literal", "holdback", "rules", "section", "separator", "timeout")
+    __slots__ = (
+        "all_literal",
+        "holdback",
+        "matches_empty",
+        "rules",
+        "section",
+        "separator",
+        "timeout",
+    )
 
     def __init__(self, section: str, rules: tuple[_Rule, ...], timeout_ms: float) -> None:
         self.section = section
@@ -317,6 +325,8 @@ class _Engine:
         self.separator = _separator(rules)
         self.all_literal = all(r.literal is not None for r in rules)
         self.holdback = _Holdback(rules) if self.all_literal else None
+        # A rule that matches the empty string also matches at the end of a stream's text.
+        self.matches_empty = any(r.pattern.search("") is not None for r in rules)
 
     def run(
         self, texts: list[str], rules: tuple[_Rule, ...], report: Rewrite, role: str | None
@@ -473,7 +483,7 @@ class Rewriter:
         self._request_count = len(request_rules)
         self._response_count = len(response_rules)
         roles: dict[str, tuple[_Rule, ...]] = {}
-        for role in ("user", "assistant", "system", "tool", "developer"):
+        for role in sorted(ROLES - {"all"}):
             roles[role] = tuple(
                 c
                 for c, r in zip(self._request.rules, request_rules, strict=True)
@@ -678,9 +688,6 @@ class StreamRewriter:
         self._context_chars = max(self._hold, 32)
         # Beyond this much pending text, stop waiting for a clean cut and send it.
         self._valve = max(4 * self._hold, 256)
-        # Such a rule also matches at the very end of the text, which only the
-        # end of the stream reveals.
-        self._matches_empty = any(r.pattern.search("") is not None for r in engine.rules)
         self._choices: dict[Any, _Pending] = {}
         self._timed_out: set[int] = set()
         self.timeouts: list[RuleTimeout] = []
@@ -750,7 +757,7 @@ class StreamRewriter:
 
     def _flush_chunk(self, index: Any, state: _Pending) -> dict[str, Any] | None:
         """A chunk with the rest of a choice's text, dressed as its last chunk."""
-        if not state.raw and not self._matches_empty:
+        if not state.raw and not self._engine.matches_empty:
             return None
         text = self._advance(state, final=True)
         if not text:
