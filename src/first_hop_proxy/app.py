@@ -12,7 +12,7 @@ from aiohttp import web
 
 from . import __version__
 from .config import LoadedConfig
-from .demo import DEMO_PATH, add_demo_routes
+from .demo import add_demo_routes
 from .forwarding import chat_completions
 from .log_views import add_log_routes, logging_status
 from .middleware import add_response_headers, front_door
@@ -89,11 +89,11 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/health/detailed", health_detailed)
 
 
-def create_app(loaded: LoadedConfig, target_url: str | None = None) -> web.Application:
+def create_app(loaded: LoadedConfig) -> web.Application:
     """Build the application for one config.
 
-    ``target_url`` overrides the configured one; in demo mode the server passes
-    the address of the built-in demo upstream once it knows its own port.
+    In demo mode the server points ``State.target_url`` at the built-in demo
+    upstream once it knows its own port.
     """
     config = loaded.config
     app = web.Application(
@@ -103,7 +103,7 @@ def create_app(loaded: LoadedConfig, target_url: str | None = None) -> web.Appli
         ],
         handler_args={"max_field_size": 65536},
     )
-    state = State.build(loaded, target_url)
+    state = State.build(loaded)
     app[STATE] = state
     app[CACHE] = {}
     app.on_response_prepare.append(add_response_headers)
@@ -121,4 +121,4 @@ def create_app(loaded: LoadedConfig, target_url: str | None = None) -> web.Appli
     return app
 
 
-__all__ = ["DEMO_PATH", "create_app"]
+__all__ = ["create_app"]

@@ -103,7 +103,6 @@ _HINT_GROUPS = tuple(
 _UNICODE_ESCAPE: Any = regex.compile(rb"(?<!\\)(?:\\\\)*\\u")
 # Characters JSON may write as escapes: a secret holding one cannot be found in raw JSON.
 _ESCAPABLE = frozenset('"\\/') | frozenset(map(chr, range(32)))
-_QUERY_KEYS = frozenset({"key", "api_key", "apikey", "api-key", "access_token", "token"})
 _DATA_URL_RE: Any = regex.compile(r"data:[\w.+-]+/[\w.+-]+;base64,[A-Za-z0-9+/=\s]*\Z")
 
 

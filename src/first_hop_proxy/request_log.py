@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 import orjson
@@ -119,16 +120,13 @@ class RequestRecord:
     def assemble_stream(self) -> None:
         """Parse the kept stream payloads into text per choice (on the writer thread)."""
         data, self.stream_data = self.stream_data, []
-        first_content = self.first_content
         for payload in data:
             try:
                 chunk = orjson.loads(payload)
             except orjson.JSONDecodeError:
                 continue
             if isinstance(chunk, dict):
-                self.add_chunk(chunk)
-        if first_content is not None:
-            self.first_content = first_content  # timed when it was relayed, not now
+                self.add_chunk(chunk)  # first_content was timed when it was relayed
 
     def finish(self, status: int | None) -> None:
         """Record the final status and the end time."""
@@ -354,17 +352,17 @@ class RequestLog:
             if not FILE_RE.match(path.name):
                 continue
             try:
-                stat = path.lstat()
+                info = path.lstat()
             except OSError:
                 continue
-            if path.is_file() and not path.is_symlink():
-                found.append((path.name, stat.st_mtime, path))
+            if S_ISREG(info.st_mode):  # a regular file, not a symlink
+                found.append((path.name, info.st_mtime, path))
         found.sort()
         with self._lock:
             self._files = deque((mtime, path) for _, mtime, path in found)
         self._prune()
         with self._lock:
-            paths = [path for _, path in self._files][-self.cfg.max_files :]
+            paths = [path for _, path in self._files]
         for path in paths:
             entry = _entry_from_file(path)
             if entry is not None:

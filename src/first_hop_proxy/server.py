@@ -74,8 +74,7 @@ async def start(
     bound = sockets[0][1] if sockets else port
     if loaded.demo:
         local = "127.0.0.1" if ":" not in host else "::1"
-        local_host = f"[{local}]" if ":" in local else local
-        app[STATE].target_url = f"http://{local_host}:{bound}{DEMO_PATH}"
+        app[STATE].target_url = RunningServer(runner, local, bound).url + DEMO_PATH
     return RunningServer(runner, host, bound)
 
 

@@ -58,13 +58,12 @@ class State:
     writer: LogWriter
     request_log: RequestLog
     error_log: ErrorLog
-    started_wall: float = field(default_factory=time.time)
     started: float = field(default_factory=time.monotonic)
     counters: Counters = field(default_factory=Counters)
     _session: aiohttp.ClientSession | None = None
 
     @classmethod
-    def build(cls, loaded: LoadedConfig, target_url: str | None = None) -> State:
+    def build(cls, loaded: LoadedConfig) -> State:
         """Compile everything a config implies, once, before the first request."""
         config = loaded.config
         redactor = Redactor(header_secrets(config.target_proxy.headers))
@@ -72,7 +71,7 @@ class State:
         error_log = ErrorLog(config.error_logging, writer, redactor)
         state = cls(
             loaded=loaded,
-            target_url=target_url or config.target_proxy.url,
+            target_url=config.target_proxy.url,
             policy=Policy.from_config(config),
             breaker=CircuitBreaker.from_config(config.circuit_breaker),
             rewriter=Rewriter.from_config(config),

@@ -41,11 +41,6 @@ class Reply:
     judged: int | None = None  # events up to the first content: what the decision sees
     error_event: bytes | None = None
     finish_reason: str | None = None
-    content_at: float | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and self.status is not None and 200 <= self.status < 300
 
     def close(self) -> None:
         """Drop the upstream connection (a stream we stop reading must not linger)."""
@@ -194,7 +189,6 @@ async def open_stream(
         resp.close()
         return reply
     reply.response, reply.splitter = resp, splitter
-    reply.content_at = asyncio.get_running_loop().time()
     return reply
 
 
