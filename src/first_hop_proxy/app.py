@@ -13,6 +13,7 @@ from aiohttp import web
 from . import __version__
 from .config import LoadedConfig
 from .demo import add_demo_routes
+from .errors import json_response
 from .forwarding import chat_completions
 from .log_views import add_log_routes, logging_status
 from .middleware import add_response_headers, front_door
@@ -78,7 +79,7 @@ async def health_detailed(request: web.Request) -> web.Response:
         "circuit_breaker": breaker_status(state),
         "logging": logging_status(state.writer, state.request_log, state.error_log),
     }
-    return web.Response(body=orjson.dumps(body), content_type="application/json")
+    return json_response(body)
 
 
 def add_routes(app: web.Application) -> None:

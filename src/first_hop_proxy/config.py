@@ -28,7 +28,7 @@ from pydantic import (
     field_validator,
 )
 
-from .headers import EMPTY_BEARERS
+from .headers import is_empty_value
 from .redact import is_secret_header
 
 StatusCode = Annotated[int, Field(ge=100, le=599)]
@@ -543,7 +543,7 @@ def _semantic_warnings(config: Config) -> list[str]:
             "(precedence: fail_codes, then retry_codes, then conditional_retry_codes)"
         )
     if not is_local_host(config.server.host) and any(
-        is_secret_header(h) and v.strip().lower() not in {"", *EMPTY_BEARERS}
+        is_secret_header(h) and not is_empty_value(v)
         for h, v in config.target_proxy.headers.items()
     ):
         warnings.append(

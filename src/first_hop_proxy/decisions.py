@@ -257,7 +257,7 @@ class Policy:
                 _Recategorization(regex.compile(r.pattern, _FLAGS), r)
                 for r in rp.status_recategorization.rules
             ]
-        statuses = {r.rule.original_status for r in recats} - {None}
+        statuses = {r.rule.original_status for r in recats}
         by_status = {
             s: tuple(r for r in recats if r.rule.original_status in (s, None))
             for s in statuses

@@ -13,6 +13,9 @@ import uuid
 import orjson
 from aiohttp import web
 
+from .errors import json_response
+from .sse import DONE, frame
+
 DEMO_PREFIX = "/__demo__/"
 DEMO_PATH = DEMO_PREFIX + "v1/chat/completions"
 DEMO_TEXT = (
@@ -48,7 +51,7 @@ async def demo_chat(request: web.Request) -> web.StreamResponse:
                 "model": model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
             }
-            await out.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+            await out.write(frame(orjson.dumps(chunk)))
             await asyncio.sleep(0.01)
         end = {
             "id": ident,
@@ -57,7 +60,7 @@ async def demo_chat(request: web.Request) -> web.StreamResponse:
             "model": model,
             "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
         }
-        await out.write(b"data: " + orjson.dumps(end) + b"\n\ndata: [DONE]\n\n")
+        await out.write(frame(orjson.dumps(end)) + frame(DONE))
         await out.write_eof()
         return out
     reply = {
@@ -74,7 +77,7 @@ async def demo_chat(request: web.Request) -> web.StreamResponse:
         ],
         "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
     }
-    return web.Response(body=orjson.dumps(reply), content_type="application/json")
+    return json_response(reply)
 
 
 async def demo_models(request: web.Request) -> web.Response:
@@ -82,7 +85,7 @@ async def demo_models(request: web.Request) -> web.Response:
         "object": "list",
         "data": [{"id": "demo", "object": "model", "created": 0, "owned_by": "first-hop-proxy"}],
     }
-    return web.Response(body=orjson.dumps(body), content_type="application/json")
+    return json_response(body)
 
 
 def add_demo_routes(app: web.Application) -> None:

@@ -20,6 +20,11 @@ def error_body(message: str, type_: str, code: str | int | None = None, **extra:
     return orjson.dumps({"error": error})
 
 
+def json_response(data: Any) -> web.Response:
+    """``data`` as an ``application/json`` response, serialized by orjson."""
+    return web.Response(body=orjson.dumps(data), content_type="application/json")
+
+
 def error_response(
     status: int,
     message: str,

@@ -14,11 +14,10 @@ import re
 import stat
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from .error_log import ErrorLog, scan_error_files
-from .errors import error_response
+from .errors import error_response, json_response
 from .request_log import RequestLog
 from .writer import LogWriter
 
@@ -30,10 +29,6 @@ _ENCODED_SEPARATORS = ("%2f", "%5c", "%00", "%2e%2e")
 
 
 INVALID = "invalid_request_error"
-
-
-def json_response(data: Any) -> web.Response:
-    return web.Response(body=orjson.dumps(data), content_type="application/json")
 
 
 def parse_limit(request: web.Request) -> int | web.Response:
