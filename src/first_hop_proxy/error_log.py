@@ -14,7 +14,6 @@ import threading
 import time
 import traceback
 from collections import Counter, deque
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -23,18 +22,15 @@ from typing import Any
 import orjson
 
 from .config import ErrorLogging
-from .redact import Redactor, header_secrets
+from .redact import Headers, Redactor, header_secrets
+from .request_log import BANNER, RULE
 from .writer import LogWriter, remove_files, write_new_file
 
-BANNER = "=" * 80
-RULE = "-" * 40
 BYTES_PER_MB = 1024 * 1024
 FILE_RE = re.compile(r"^(?P<code>[A-Za-z0-9_-]+?)_(?P<ts>\d{8}_\d{6}_\d{3})(?:_(?P<n>\d+))?\.log$")
 _UNSAFE_CODE = re.compile(r"[^A-Za-z0-9-]+")
 _SHRINK_TRIES = 4
 _MARKER_ROOM = 64
-
-Headers = Mapping[str, str] | Iterable[tuple[str, str]]
 
 
 @dataclass

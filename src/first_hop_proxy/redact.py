@@ -13,6 +13,9 @@ from typing import Any
 
 import regex  # type: ignore[import-untyped,unused-ignore]
 
+#: Headers as a mapping or as (name, value) pairs (repeated names kept).
+Headers = Mapping[str, str] | Iterable[tuple[str, str]]
+
 ELLIPSIS = "…"
 SHORT = "***"
 MIN_MASKED_LENGTH = 12
@@ -142,7 +145,7 @@ def mask_header_value(value: str) -> str:
     return mask(value)
 
 
-def header_secrets(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> list[str]:
+def header_secrets(headers: Headers) -> list[str]:
     """The credential values in ``headers`` (scheme word removed), to mask wherever they occur."""
     found: list[str] = []
     for name, value in _header_items(headers):
@@ -153,7 +156,7 @@ def header_secrets(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> li
 
 
 def _header_items(
-    headers: Mapping[str, str] | Iterable[tuple[str, str]],
+    headers: Headers,
 ) -> Iterable[tuple[str, str]]:
     if isinstance(headers, Mapping):
         return headers.items()
@@ -187,7 +190,7 @@ class Redactor:
         """Mask key-like query values and ``user:password@`` credentials in ``url``."""
         return self.text(url)
 
-    def headers(self, headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str, str]:
+    def headers(self, headers: Headers) -> dict[str, str]:
         """Headers as a dict, credential values masked and other values scrubbed."""
         out: dict[str, str] = {}
         for key, value in _header_items(headers):
@@ -321,7 +324,7 @@ def redact_url(url: str) -> str:
     return _PLAIN.url(url)
 
 
-def redact_headers(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str, str]:
+def redact_headers(headers: Headers) -> dict[str, str]:
     """Headers with credential values masked (scheme word kept)."""
     return _PLAIN.headers(headers)
 

@@ -12,7 +12,6 @@ import re
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 import orjson
 
 from .config import Logging
-from .redact import Redactor, header_secrets
+from .redact import Headers, Redactor, header_secrets
 from .writer import LogWriter, remove_files
 
 BANNER = "=" * 80
@@ -37,8 +36,6 @@ _SUMMARY_RE = re.compile(
 _ID_RE = re.compile(r"^Request ID: (?P<id>.*)$", re.M)
 SUMMARY_READ_BYTES = 4096
 SECONDS_PER_DAY = 86400.0
-
-Headers = Mapping[str, str] | Iterable[tuple[str, str]]
 
 
 @dataclass
