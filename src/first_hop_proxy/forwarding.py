@@ -62,12 +62,11 @@ def parse_chat_request(body: bytes, ex: Exchange) -> ChatRequest | BadRequest:
             f"'messages' must be a list of message objects (got {type(messages).__name__}).",
             "invalid_messages",
         )
-    config = ex.state.config
     model = payload.get("model")
     return ChatRequest(
         body=body,
         payload=payload,
-        headers=upstream_headers(ex.request.headers, config.target_proxy.headers),
+        headers=upstream_headers(ex.request.headers, ex.state.headers),
         stream=payload.get("stream") is True,
         model=model if isinstance(model, str) else "",
     )

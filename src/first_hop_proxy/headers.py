@@ -33,14 +33,23 @@ def _connection_named(headers: Mapping[str, str]) -> set[str]:
     return {name.strip().lower() for value in values for name in value.split(",") if name.strip()}
 
 
+def configured_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The configured headers that carry something, worked out once per config.
+
+    A configured header whose value is empty (an unset variable, e.g.
+    ``"Bearer ${KEY:-}"`` with KEY unset) counts as absent.
+    """
+    return {name: value for name, value in headers.items() if not is_empty_value(value)}
+
+
 def upstream_headers(
     client: CIMultiDictProxy[str] | Mapping[str, str], configured: Mapping[str, str]
 ) -> CIMultiDict[str]:
-    """The client's headers minus hop-by-hop ones; configured headers added and winning.
+    """The client's headers minus hop-by-hop ones; ``configured`` (from
+    :func:`configured_headers`) added and winning.
 
     ``Authorization: Bearer undefined`` (and ``null``, or nothing after ``Bearer``)
-    is what SillyTavern sends when no key is stored: it counts as absent. A
-    configured header whose value is empty (an unset variable) counts as absent too.
+    is what SillyTavern sends when no key is stored: it counts as absent.
     """
     drop = HOP_BY_HOP | _connection_named(client)
     out: CIMultiDict[str] = CIMultiDict()
@@ -52,8 +61,6 @@ def upstream_headers(
             continue
         out.add(name, value)
     for name, value in configured.items():
-        if is_empty_value(value):  # e.g. "Bearer ${KEY:-}" with KEY unset
-            continue
         out[name] = value
     return out
 

@@ -50,7 +50,7 @@ async def list_models(request: web.Request) -> web.Response:
     cache: dict[str, bytes] = request.app[CACHE]
     url = models_url(state.target_url)
     # The configured headers (keys) and the client's own key when none is configured.
-    headers = {k: v for k, v in state.config.target_proxy.headers.items() if not is_empty_value(v)}
+    headers = dict(state.headers)
     auth = request.headers.get("Authorization", "")
     if not is_empty_value(auth) and "authorization" not in {k.lower() for k in headers}:
         headers["Authorization"] = auth

@@ -19,6 +19,7 @@ from .breaker import CircuitBreaker, Transition
 from .config import Config, LoadedConfig
 from .decisions import Policy
 from .error_log import ErrorEvent, ErrorLog
+from .headers import configured_headers
 from .redact import Redactor, header_secrets
 from .request_log import RequestLog
 from .rewrite import Rewriter
@@ -51,6 +52,8 @@ class State:
 
     loaded: LoadedConfig
     target_url: str
+    #: The configured upstream headers that carry something (``headers.configured_headers``).
+    headers: dict[str, str]
     policy: Policy
     breaker: CircuitBreaker
     rewriter: Rewriter
@@ -72,6 +75,7 @@ class State:
         state = cls(
             loaded=loaded,
             target_url=config.target_proxy.url,
+            headers=configured_headers(config.target_proxy.headers),
             policy=Policy.from_config(config),
             breaker=CircuitBreaker.from_config(config.circuit_breaker),
             rewriter=Rewriter.from_config(config),
