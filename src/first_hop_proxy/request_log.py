@@ -22,6 +22,7 @@ import orjson
 
 from .config import Logging
 from .redact import Headers, Redactor, header_secrets
+from .sse import parse_event
 from .writer import LogWriter, remove_files
 
 BANNER = "=" * 80
@@ -118,11 +119,8 @@ class RequestRecord:
         """Parse the kept stream payloads into text per choice (on the writer thread)."""
         data, self.stream_data = self.stream_data, []
         for payload in data:
-            try:
-                chunk = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(chunk, dict):
+            chunk = parse_event(payload)
+            if chunk is not None:
                 self.add_chunk(chunk)  # first_content was timed when it was relayed
 
     def finish(self, status: int | None) -> None:

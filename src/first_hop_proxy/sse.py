@@ -7,6 +7,9 @@ load, so events are cut on the blank line that ends them, whatever the reads.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
+
+import orjson
 
 DONE = b"[DONE]"
 
@@ -66,3 +69,14 @@ def frame(data: bytes) -> bytes:
 def comment(text: str) -> bytes:
     """An SSE comment line: clients ignore it, but it keeps idle connections open."""
     return b": " + text.encode() + b"\n\n"
+
+
+def parse_event(data: bytes | None) -> dict[str, Any] | None:
+    """An event's data as a JSON object; None for no data, ``[DONE]``, or anything else."""
+    if not data or data == DONE:
+        return None
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return payload if isinstance(payload, dict) else None

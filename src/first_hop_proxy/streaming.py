@@ -21,7 +21,7 @@ from .decisions import Action, Outcome, decide
 from .errors import error_body
 from .exchange import ChatRequest, Exchange, failure_body, failure_response, note_failure
 from .headers import client_headers
-from .sse import DONE, comment, event_data, frame
+from .sse import DONE, comment, event_data, frame, parse_event
 from .upstream import TRANSPORT_ERRORS, Reply, describe_failure, open_stream
 
 STREAM_HEADERS = {
@@ -231,13 +231,3 @@ def error_after_content(ex: Exchange, event: bytes) -> bytes | None:
         "code": "stream_interrupted",
     }
     return orjson.dumps(ex.redactor().obj({"error": error}))
-
-
-def parse_event(data: bytes | None) -> dict[str, Any] | None:
-    if not data or data == DONE:
-        return None
-    try:
-        payload = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
-    return payload if isinstance(payload, dict) else None

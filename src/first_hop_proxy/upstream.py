@@ -16,10 +16,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .sse import DONE, EventSplitter, event_data
+from .sse import EventSplitter, event_data, parse_event
 
 EMPTY_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 
@@ -199,11 +198,8 @@ def _scan(reply: Reply, events: Any) -> bool:
         if reply.first_content:
             continue
         data = event_data(event)
-        if data is None or data == DONE:
-            continue
-        try:
-            payload = orjson.loads(data)
-        except orjson.JSONDecodeError:
+        payload = parse_event(data)
+        if payload is None:
             continue
         content, error, finish = inspect_chunk(payload)
         reply.finish_reason = finish or reply.finish_reason
