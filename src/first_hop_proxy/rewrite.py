@@ -425,10 +425,12 @@ def _literals(rules: Iterable[_Rule]) -> list[str]:
     return [r.literal for r in rules if r.literal is not None]
 
 
-def _text_slots(content: Any) -> list[tuple[Any, Any]]:
-    """(container, key) of every rewritable text in a message's ``content``."""
+def _text_slots(message: dict[str, Any]) -> list[tuple[Any, Any]]:
+    """(container, key) of every rewritable text in a message's ``content``:
+    the content itself when it is a string, else its text parts."""
+    content = message.get("content")
     if isinstance(content, str):
-        return []  # handled by the caller, which owns the message dict
+        return [(message, "content")]
     slots: list[tuple[Any, Any]] = []
     if isinstance(content, list):
         for part in content:
@@ -535,9 +537,7 @@ class Rewriter:
             key = role if isinstance(role, str) and role in self._by_role else ""
             if not self._rules_for(role):
                 continue
-            content = message.get("content")
-            slots = [(message, "content")] if isinstance(content, str) else _text_slots(content)
-            groups.setdefault(key, []).extend(slots)
+            groups.setdefault(key, []).extend(_text_slots(message))
         for key, slots in groups.items():
             report.changed |= self._run_slots(
                 self._request, slots, self._rules_for(key or None), report, key or None
@@ -588,11 +588,7 @@ class Rewriter:
         for choice in choices:
             message = choice.get("message") if isinstance(choice, dict) else None
             if isinstance(message, dict):
-                content = message.get("content")
-                if isinstance(content, str):
-                    slots.append((message, "content"))
-                else:
-                    slots.extend(_text_slots(content))
+                slots.extend(_text_slots(message))
         report.changed = self._run_slots(self._response, slots, self._response.rules, report, None)
         return report
 
