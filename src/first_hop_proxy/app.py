@@ -17,7 +17,7 @@ from .errors import json_response
 from .forwarding import chat_completions
 from .log_views import add_log_routes, logging_status
 from .middleware import add_response_headers, front_door
-from .model_list import CACHE, list_models
+from .model_list import list_models
 from .state import STATE, State
 from .upstream import host_of
 
@@ -106,7 +106,6 @@ def create_app(loaded: LoadedConfig) -> web.Application:
     )
     state = State.build(loaded)
     app[STATE] = state
-    app[CACHE] = {}
     app.on_response_prepare.append(add_response_headers)
     add_routes(app)
     add_log_routes(app, state.request_log, state.error_log)

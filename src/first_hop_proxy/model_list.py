@@ -42,12 +42,8 @@ def default_list() -> dict[str, Any]:
     }
 
 
-CACHE = web.AppKey("models_cache", dict)
-
-
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    cache: dict[str, bytes] = request.app[CACHE]
     url = models_url(state.target_url)
     # The configured headers (keys) and the client's own key when none is configured.
     headers = dict(state.headers)
@@ -60,12 +56,12 @@ async def list_models(request: web.Request) -> web.Response:
             if resp.status == 200:
                 parsed = orjson.loads(body)
                 if isinstance(parsed, dict) and isinstance(parsed.get("data"), list):
-                    cache["last"] = body
+                    state.last_models = body
                     return _answer(body, "upstream")
     except (*TRANSPORT_ERRORS, orjson.JSONDecodeError):
         pass
-    if "last" in cache:
-        return _answer(cache["last"], "cache")
+    if state.last_models is not None:
+        return _answer(state.last_models, "cache")
     return _answer(orjson.dumps(default_list()), "default")
 
 

@@ -63,6 +63,7 @@ class State:
     error_log: ErrorLog
     started: float = field(default_factory=time.monotonic)
     counters: Counters = field(default_factory=Counters)
+    last_models: bytes | None = None  # the upstream's last good /models answer
     _session: aiohttp.ClientSession | None = None
 
     @classmethod
