@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from first_hop_proxy.config import (
     load_config,
     parse_config,
 )
-from first_hop_proxy.rewrite import Rewriter, RuleTimeout, trial
+from first_hop_proxy.rewrite import Rewriter, RuleTimeout, _bounded, trial
 
 SPEC_CONFIG = (
     Path(__file__).resolve().parents[2] / "shared" / "spec" / "original-config.example.yaml"
@@ -184,6 +185,77 @@ def test_empty_matching_rule_inserts_between_every_character() -> None:
     rw = Rewriter([out_rule("|", "_")])
     assert one(rw, "a|b") == "_a_|_b_"
     assert one(rw, "") == "_"
+
+
+@pytest.mark.parametrize(
+    ("pattern", "bounded"),
+    [
+        ("|", True),
+        ("cat|dog", True),
+        (r"\[", True),
+        ("[*+?{]", True),  # quantifier characters inside a class are literal
+        ("(?i)ab", True),
+        ("(?:ab)(c|d)", True),
+        ("(?=x)y|(?<!a)b", True),
+        (r"\bword\b", True),
+        ("(?P<name>a)", True),
+        ("a|b|c|d|e", True),
+        ("a|b|c|d|e|f", False),  # more branches than MAX_BOUNDED_BRANCHES
+        ("a*", False),
+        ("a+", False),
+        ("x?", False),
+        (r"\(?", False),  # an escaped "(" is an atom: the "?" repeats it
+        ("a{2}", False),
+        (r"(a)\1", False),
+        ("(?P<x>a)(?P=x)", False),
+        ("(?(1)a|b)", False),
+        ("(?R)", False),
+        ("(?x) a b", False),
+    ],
+)
+def test_bounded_patterns(pattern: str, bounded: bool) -> None:
+    """A pattern without repetition or backreferences cannot run away."""
+    assert _bounded(pattern, "") is bounded
+
+
+def test_bounded_rule_has_no_time_limit() -> None:
+    """With a limit far too short for the text, a bounded rule still runs to the end,
+    where a rule with repetition is cut off and reported."""
+    text = "ab" * 200_000
+    bounded = Rewriter([out_rule("a|b", "_")], request_timeout_ms=0.001)
+    assert one(bounded, text) == "_" * 400_000
+    repeating = Rewriter([out_rule("(?:a|b)+", "_")], request_timeout_ms=0.001)
+    payload: dict[str, Any] = {"messages": [{"role": "user", "content": text}]}
+    assert repeating.rewrite_messages(payload).timeouts
+
+
+@pytest.mark.parametrize("pattern", ["|", "||", "(|)", "()"])
+def test_empty_only_pattern_matches_re_sub(pattern: str) -> None:
+    """Patterns that match only the empty string run as one join, with re.sub's result."""
+    rng = random.Random(7)
+    rw = Rewriter([out_rule(pattern, r"\\u007c")])
+    for _ in range(50):
+        text = "".join(rng.choice("ab|\n\u00e9\U0001f600") for _ in range(rng.randrange(6)))
+        payload: dict[str, Any] = {"messages": [{"role": "user", "content": text}]}
+        report = rw.rewrite_messages(payload)
+        assert payload["messages"][0]["content"] == re.sub(pattern, r"\\u007c", text)
+        assert report.counts == [len(text) + 1]
+
+
+async def test_bounded_rules_run_inline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No thread hop for rules that cannot run away, as for literal rules."""
+
+    def boom(*args: Any) -> Any:
+        raise AssertionError("should not be called")
+
+    monkeypatch.setattr(asyncio, "to_thread", boom)
+    rw = Rewriter([out_rule("|", "-"), out_rule("cat|dog", "pet")], [in_rule("a|b", "_")])
+    payload: dict[str, Any] = {"messages": [{"role": "user", "content": "cat"}]}
+    result = await rw.rewrite_messages_async(payload, 100)
+    assert payload["messages"][0]["content"] == "-c-a-t-"
+    assert result.counts == [4, 0]
+    reply = orjson.dumps({"choices": [{"message": {"content": "abc"}}]})
+    assert b'"__c"' in (await rw.rewrite_response_async(reply)).body
 
 
 def test_catastrophic_pattern_is_cut_off_and_reported() -> None:

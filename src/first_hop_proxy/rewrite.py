@@ -7,6 +7,8 @@ applied rule after rule; the ``regex`` package (in ``V0``, re-compatible mode)
 does the matching because it can stop a runaway pattern: each rule gets
 ``timeout_ms`` per text, and a rule that runs out is skipped for that text and
 reported as a :class:`RuleTimeout`, so a bad rule never freezes the proxy.
+A pattern without repetition or backreferences cannot run away and runs with
+no limit (checking one costs more than the match).
 
 Request path (the server parses the body once)::
 
@@ -111,6 +113,72 @@ class _Rule:
     # Matches wherever this rule matches, context aside: no match for it in all
     # texts joined proves the rule has nothing to do in any of them.
     prefilter: regex.Pattern[str] | None
+    # The pattern cannot run away (see _bounded): it runs with no time limit,
+    # whose checks cost the regex module about five times the match itself.
+    bounded: bool
+    # For a pattern that matches only the empty string, everywhere (``|``): the
+    # text it inserts at every position, so the rule runs as one str.join.
+    everywhere: str | None
+
+
+#: How many ``|`` a pattern without repetition may hold and still count as bounded.
+MAX_BOUNDED_BRANCHES = 4
+
+
+def _bounded(pattern: str, flags: str) -> bool:
+    """Whether every match attempt of ``pattern`` costs at most a few passes over it.
+
+    Without repetition or backreferences, backtracking can only try the
+    alternatives of each ``|`` (at most 2 ** branches ways), so a rule is
+    linear in the text and cannot run away. Unsure syntax counts as unbounded.
+    """
+    if "x" in flags or "(?x" in pattern:
+        return False
+    branches = 0
+    opened = False  # the previous token is an unescaped "(": a "?" now starts group syntax
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\":
+            nxt = pattern[i + 1 : i + 2]
+            if (nxt.isdigit() and nxt != "0") or nxt in ("g", "k"):
+                return False  # a backreference
+            i, opened = i + 2, False
+            continue
+        if ch == "[":
+            i, opened = _class_end(pattern, i), False
+            continue
+        if ch in "*+{" or (ch == "?" and not opened):
+            return False  # repetition
+        if ch == "?":
+            kind = pattern[i + 1 : i + 3]
+            if kind[:1] in ("(", "R", "&", "|") or kind[:1].isdigit() or kind in ("P=", "P>"):
+                return False  # conditionals, recursion, branch reset, named backreferences
+        branches += ch == "|"
+        opened = ch == "("
+        i += 1
+    return branches <= MAX_BOUNDED_BRANCHES
+
+
+def _class_end(pattern: str, i: int) -> int:
+    """The index just past the character class that starts at ``pattern[i]``."""
+    j = i + 1
+    if pattern[j : j + 1] == "^":
+        j += 1
+    if pattern[j : j + 1] == "]":
+        j += 1
+    while j < len(pattern) and pattern[j] != "]":
+        j += 2 if pattern[j] == "\\" else 1
+    return j + 1
+
+
+def _everywhere(pattern: regex.Pattern[str], source: str, template: str) -> str | None:
+    """What a pattern made only of empty alternatives (``|``, ``(|)``) inserts at each position."""
+    if not source or source.strip("|()"):
+        return None
+    if pattern.search("") is None:
+        return None
+    return str(pattern.sub(template, ""))
 
 
 def _literal_of(pattern: str, flags: str) -> str | None:
@@ -167,7 +235,15 @@ def _compile_rule(index: int, rule: RewriteRule) -> _Rule:
         except regex.error:
             prefilter = None
     return _Rule(
-        index, rule.description, pattern, rule.replacement, literal, literal_out, prefilter
+        index,
+        rule.description,
+        pattern,
+        rule.replacement,
+        literal,
+        literal_out,
+        prefilter,
+        bounded=literal is not None or _bounded(rule.pattern, rule.flags),
+        everywhere=_everywhere(pattern, rule.pattern, rule.replacement),
     )
 
 
@@ -194,14 +270,7 @@ def _relaxed(pattern: str, flags: str) -> str | None:
                 return None
             dropped = token[1:] in _ASSERTION_ESCAPES
         elif ch == "[":
-            j = i + 1
-            if pattern[j : j + 1] == "^":
-                j += 1
-            if pattern[j : j + 1] == "]":
-                j += 1
-            while j < len(pattern) and pattern[j] != "]":
-                j += 2 if pattern[j] == "\\" else 1
-            token = pattern[i : j + 1]
+            token = pattern[i : _class_end(pattern, i)]
         elif ch == "(":
             depth += 1
             look = next((x for x in _LOOKAROUNDS if pattern.startswith(x, i)), None)
@@ -309,6 +378,7 @@ class _Engine:
     """One section's compiled rules and how to run them over a batch of texts."""
 
     __slots__ = (
+        "all_bounded",
         "all_literal",
         "holdback",
         "matches_empty",
@@ -324,6 +394,7 @@ class _Engine:
         self.timeout = timeout_ms / 1000
         self.separator = _separator(rules)
         self.all_literal = all(r.literal is not None for r in rules)
+        self.all_bounded = all(r.bounded for r in rules)
         self.holdback = _Holdback(rules) if self.all_literal else None
         # A rule that matches the empty string also matches at the end of a stream's text.
         self.matches_empty = any(r.pattern.search("") is not None for r in rules)
@@ -381,17 +452,24 @@ class _Engine:
                             x for x in _literals(rules[position:]) if _may_create(out, x)
                         )
                 continue
+            limit = None if rule.bounded else timeout
             if rule.prefilter is not None and joined is not None:
                 try:
-                    if rule.prefilter.search(joined, timeout=timeout) is None:
+                    if rule.prefilter.search(joined, timeout=limit) is None:
                         continue
                 except TimeoutError:
                     pass  # undecided: try each text under its own limit
             if split_needed and joined is not None:
                 texts, split_needed = joined.split(sep), False
             for i, text in enumerate(texts):
+                if rule.everywhere is not None:
+                    new, n = _insert_everywhere(text, rule.everywhere), len(text) + 1
+                    counts[rule.index] += n
+                    texts[i] = new
+                    joined, present = None, None
+                    continue
                 try:
-                    new, n = rule.pattern.subn(rule.template, text, timeout=timeout)
+                    new, n = rule.pattern.subn(rule.template, text, timeout=limit)
                 except TimeoutError:
                     report.timeouts.append(
                         RuleTimeout(self.section, rule.index, rule.description, role)
@@ -404,6 +482,11 @@ class _Engine:
         if split_needed and joined is not None:
             texts = joined.split(sep)
         return texts
+
+
+def _insert_everywhere(text: str, inserted: str) -> str:
+    """``re.sub`` of a pattern matching only the empty string: ``inserted`` at every position."""
+    return inserted + inserted.join(text) + inserted if text else inserted
 
 
 @functools.lru_cache(maxsize=4096)
@@ -558,13 +641,14 @@ class Rewriter:
     ) -> Rewrite:
         """:meth:`rewrite_messages` off the event loop when it could take long.
 
-        ``size`` is the body's length in bytes, if known. Literal rules are linear and
-        cannot run away, so on a body of up to ``INLINE_BYTES`` they run inline:
-        a thread hop would cost more than the work. Otherwise a worker thread.
+        ``size`` is the body's length in bytes, if known. Bounded rules (literals,
+        and patterns without repetition: see ``_bounded``) are linear and cannot run
+        away, so on a body of up to ``INLINE_BYTES`` they run inline: a thread hop
+        would cost more than the work. Otherwise a worker thread.
         """
         if not self.has_request_rules:
             return Rewrite([0] * self._request_count)
-        if self._request.all_literal and size is not None and size <= INLINE_BYTES:
+        if self._request.all_bounded and size is not None and size <= INLINE_BYTES:
             return self.rewrite_messages(payload)
         return await asyncio.to_thread(self.rewrite_messages, payload)
 
@@ -572,7 +656,7 @@ class Rewriter:
         """:meth:`rewrite_request`, inline or in a worker thread as for messages."""
         if not self.has_request_rules:
             return BodyRewrite([0] * self._request_count, body=body)
-        if self._request.all_literal and len(body) <= INLINE_BYTES:
+        if self._request.all_bounded and len(body) <= INLINE_BYTES:
             return self.rewrite_request(body)
         return await asyncio.to_thread(self.rewrite_request, body)
 
@@ -602,7 +686,7 @@ class Rewriter:
         """:meth:`rewrite_response`, inline or in a worker thread as for messages."""
         if not self.has_response_rules:
             return BodyRewrite([0] * self._response_count, body=body)
-        if self._response.all_literal and len(body) <= INLINE_BYTES:
+        if self._response.all_bounded and len(body) <= INLINE_BYTES:
             return self.rewrite_response(body)
         return await asyncio.to_thread(self.rewrite_response, body)
 
@@ -643,7 +727,7 @@ class Rewriter:
         return changed
 
 
-#: Literal rules on a body up to this size run inline instead of in a worker thread.
+#: Bounded rules on a body up to this size run inline instead of in a worker thread.
 INLINE_BYTES = 65536
 
 
@@ -834,7 +918,8 @@ class StreamRewriter:
         pieces: list[str] = []
         last = start
         shift = 0
-        for m in rule.pattern.finditer(text, start, timeout=self._engine.timeout):
+        limit = None if rule.bounded else self._engine.timeout
+        for m in rule.pattern.finditer(text, start, timeout=limit):
             s, e = m.span()
             if s < cut < e:
                 return s - start
