@@ -12,6 +12,7 @@ import pytest
 
 from first_hop_proxy.redact import (
     Redactor,
+    _has_unicode_escape,
     header_secrets,
     mask,
     redact_headers,
@@ -230,3 +231,20 @@ class TestParsedJson:
         out = Redactor().parsed_json(raw, orjson.loads(raw))
         assert "sk-abcdefghijklmnopqrstuvwx" not in out["content"]
         assert out["max_tokens"] == 5
+
+
+@pytest.mark.parametrize(
+    ("raw", "escaped"),
+    [
+        (rb'"a\u0041"', True),
+        (rb'"a\\u0041"', False),  # an escaped backslash, then a plain "u"
+        (rb'"a\\\u0041"', True),  # an escaped backslash, then an escape
+        (rb'"\"\\u"', False),
+        (rb'"\\\\u007c"', False),
+        (rb'"plain"', False),
+        (rb'"\\\\\\\u00e9"', True),
+    ],
+)
+def test_unicode_escape_found_only_where_one_begins(raw: bytes, escaped: bool) -> None:
+    assert _has_unicode_escape(raw) is escaped
+    assert isinstance(orjson.loads(raw), str)  # every case is valid JSON

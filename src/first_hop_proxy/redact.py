@@ -102,8 +102,6 @@ _HINT_GROUPS = tuple(
     (low.encode(), tuple(h for h in _HINTS if h.lower() == low))
     for low in dict.fromkeys(h.lower() for h in _HINTS)
 )
-# A JSON unicode escape: backslash-u, where the backslash is not itself escaped.
-_UNICODE_ESCAPE: Any = regex.compile(rb"(?<!\\)(?:\\\\)*\\u")
 # Characters JSON may write as escapes: a secret holding one cannot be found in raw JSON.
 _ESCAPABLE = frozenset('"\\/') | frozenset(map(chr, range(32)))
 _DATA_URL_RE: Any = regex.compile(r"data:[\w.+-]+/[\w.+-]+;base64,[A-Za-z0-9+/=\s]*\Z")
@@ -211,7 +209,7 @@ class Redactor:
         checked only for those that are (usually none or one, against sixteen).
         When nothing needs masking, ``parsed`` itself is returned, not a copy.
         """
-        if b"\\u" in raw and _UNICODE_ESCAPE.search(raw):
+        if b"\\u" in raw and _has_unicode_escape(raw):
             return self.obj(parsed)  # an escape could spell a hint the raw text does not show
         known = tuple(s for s in self._known if _ESCAPABLE.intersection(s) or s.encode() in raw)
         lowered = raw.lower()
@@ -256,6 +254,17 @@ class Redactor:
             if hint in text:
                 return str(_SECRET_RE.sub(_mask_match, text, concurrent=True))
         return text
+
+
+def _has_unicode_escape(raw: bytes) -> bool:
+    """Whether the JSON text ``raw`` holds a ``\\uXXXX`` escape.
+
+    In JSON a backslash always starts a two-character escape, so dropping
+    every escaped backslash (left to right, as a parser reads them) leaves
+    ``\\u`` only where a unicode escape begins. One pass of ``bytes.replace``:
+    a regex with a lookbehind took 135 us on a body full of ``\\\\u007c``.
+    """
+    return b"\\u" in raw.replace(b"\\\\", b"")
 
 
 def _clean(obj: Any, known: tuple[str, ...], hints: tuple[str, ...]) -> bool:
