@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import aiohttp
@@ -295,6 +296,7 @@ async def test_request_id_on_every_response(
             ids.append(resp.headers.get("X-Request-ID"))
     assert all(ids), ids
     assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch("[0-9a-f]{12}", i) for i in ids), ids  # safe in a log file name
 
 
 async def test_upstream_request_id_not_leaked(
