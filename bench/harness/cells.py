@@ -12,7 +12,15 @@ from harness import FHP, LITELLM, MASTER_KEY, ORDER, PASS, TARGET_LABELS, log
 from harness.load import WRK_LUA, chat_body, ensure_wrk, reset_peak, run_wrk, stream_cell, tree_kb
 from harness.report import fmt
 from harness.stats import summarize
-from harness.targets import Stack, Target, log_backlog, log_files, stop, wait_log_drained
+from harness.targets import (
+    Stack,
+    Target,
+    log_backlog,
+    log_files,
+    stop,
+    wait_log_drained,
+    writer_status,
+)
 
 
 @dataclass
@@ -141,6 +149,8 @@ def measure(
         target.reason = target.reason or "process exited during the run"
         return None
     reset_peak(pid)
+    logged = "log_folder" in target.extra
+    before = writer_status(target.url) if logged else {}
     try:
         if kind == "wrk":
             figures = run_wrk(script, target.url, load, plan.wrk_seconds)
@@ -150,10 +160,15 @@ def measure(
         return {"error": f"{type(exc).__name__}: {exc}"}
     figures["peak_rss_mb"] = round(tree_kb(pid, "VmHWM") / 1024, 1)
     figures["rss_mb"] = round(tree_kb(pid, "VmRSS") / 1024, 1)
-    if "log_folder" in target.extra:
+    if logged:
         # Log work deferred to the writer thread must not spill into the next measurement.
         figures["log_backlog"] = log_backlog(target.url)
         figures["log_catch_up_s"] = wait_log_drained(target.url, 180)
+        # Past its queue bound the writer drops new logs (and counts them): say how many.
+        after = writer_status(target.url)
+        for key in ("written", "dropped"):
+            if isinstance(after.get(key), int) and isinstance(before.get(key), int):
+                figures[f"logs_{key}"] = after[key] - before[key]
         if "rps" in figures:
             ok = figures["requests"] - figures["non_2xx"]
             span = figures["duration_s"] + figures["log_catch_up_s"]

@@ -314,6 +314,23 @@ def render_fresh(bench: dict[str, Any]) -> list[str]:
             values = [v for v in values if v is not None]
             if values:
                 backlog.append(f"{cell} {name}: {max(values)}")
+    dropped: list[str] = []
+    for cell, data in bench["cells"].items():
+        for name in (FHP, FHP_RULES, FHP_RULES11):
+            mine = [r for r in data["runs"].get(name, []) if r and "logs_dropped" in r]
+            lost = sum(r["logs_dropped"] for r in mine)
+            total = lost + sum(r.get("logs_written", 0) for r in mine)
+            if total:
+                dropped.append(f"{cell} {name}: {lost:,} of {total:,} ({100 * lost / total:.0f} %)")
+    if dropped:
+        lines += [
+            "Log files dropped (the log writer's queue holds at most 2,000 jobs; past that, "
+            "new logs are dropped and counted in `/health/detailed`, so that memory stays "
+            "bounded; all runs of a cell together, of the log files due): "
+            + "; ".join(dropped)
+            + ".",
+            "",
+        ]
     if backlog:
         lines += [
             "Log writer backlog (jobs queued in first-hop-proxy's log thread when the load "
