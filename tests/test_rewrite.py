@@ -211,6 +211,7 @@ def test_empty_matching_rule_inserts_between_every_character() -> None:
         ("(?(1)a|b)", False),
         ("(?R)", False),
         ("(?x) a b", False),
+        ("(?ix)a # [ comment\n b", False),
     ],
 )
 def test_bounded_patterns(pattern: str, bounded: bool) -> None:

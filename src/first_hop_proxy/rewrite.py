@@ -123,6 +123,7 @@ class _Rule:
 
 #: How many ``|`` a pattern without repetition may hold and still count as bounded.
 MAX_BOUNDED_BRANCHES = 4
+_VERBOSE = regex.compile(r"\(\?[a-zA-Z^-]*x")
 
 
 def _bounded(pattern: str, flags: str) -> bool:
@@ -132,8 +133,8 @@ def _bounded(pattern: str, flags: str) -> bool:
     alternatives of each ``|`` (at most 2 ** branches ways), so a rule is
     linear in the text and cannot run away. Unsure syntax counts as unbounded.
     """
-    if "x" in flags or "(?x" in pattern:
-        return False
+    if "x" in flags or _VERBOSE.search(pattern):
+        return False  # a comment could hide a "[" that misleads the scan below
     branches = 0
     opened = False  # the previous token is an unescaped "(": a "?" now starts group syntax
     i = 0
@@ -255,7 +256,7 @@ def _relaxed(pattern: str, flags: str) -> str | None:
     pattern finds nothing in all texts joined, the rule matches none of them:
     one scan instead of one call per message.
     """
-    if "x" in flags or "(?x" in pattern or "(?(" in pattern:
+    if "x" in flags or _VERBOSE.search(pattern) or "(?(" in pattern:
         return None
     out: list[str] = []
     depth = 0
