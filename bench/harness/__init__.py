@@ -26,10 +26,11 @@ SOAK_RSS_LIMIT_MB = 3000
 EVENTS = 20
 EXPECTED_TEXT = "".join(f"tok{i} " for i in range(EVENTS))
 
-DIRECT, PASS, FHP, FHP_RULES, FHP_RULES11, LITELLM = (
+DIRECT, PASS, FHP, FHP_NOLOG, FHP_RULES, FHP_RULES11, LITELLM = (
     "direct",
     "passthrough",
     "fhp-default",
+    "fhp-nolog",
     "fhp-rules",
     "fhp-rules11",
     "litellm",
@@ -38,6 +39,7 @@ TARGET_LABELS = {
     DIRECT: "direct to upstream (floor)",
     PASS: "bare aiohttp pass-through (yardstick)",
     FHP: "first-hop-proxy, default config, logging on",
+    FHP_NOLOG: "first-hop-proxy, default config with request and error logging off",
     FHP_RULES: "first-hop-proxy, 12+49 example rewrite rules, logging on",
     FHP_RULES11: (
         "first-hop-proxy, the same rules minus the outgoing '|' (it matches the empty "
@@ -45,7 +47,7 @@ TARGET_LABELS = {
     ),
     LITELLM: f"LiteLLM proxy {LITELLM_VERSION}",
 }
-ORDER = [DIRECT, PASS, FHP, FHP_RULES, FHP_RULES11, LITELLM]
+ORDER = [DIRECT, PASS, FHP, FHP_NOLOG, FHP_RULES, FHP_RULES11, LITELLM]
 
 
 def log(msg: str) -> None:

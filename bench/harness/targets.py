@@ -22,6 +22,7 @@ from harness import (
     BENCH,
     DIRECT,
     FHP,
+    FHP_NOLOG,
     FHP_RULES,
     FHP_RULES11,
     LITELLM,
@@ -152,6 +153,7 @@ class Stack:
             starter: Callable[[], Target] = {
                 PASS: self.start_passthrough,
                 FHP: lambda: self.start_fhp(FHP, rules=False),
+                FHP_NOLOG: lambda: self.start_fhp(FHP_NOLOG, rules=False, logging=False),
                 FHP_RULES: lambda: self.start_fhp(FHP_RULES, rules=True),
                 FHP_RULES11: lambda: self.start_fhp(FHP_RULES11, rules=True, sane=True),
                 LITELLM: self.start_litellm,
@@ -180,7 +182,9 @@ class Stack:
         self._check(target, wait_http(f"http://127.0.0.1:{port}/", proc, 20, any_status=True))
         return target
 
-    def fhp_config(self, name: str, rules: bool, port: int, sane: bool = False) -> Path:
+    def fhp_config(
+        self, name: str, rules: bool, port: int, sane: bool = False, logging: bool = True
+    ) -> Path:
         folder = self.work / name
         folder.mkdir(parents=True, exist_ok=True)
         data: dict[str, Any] = {}
@@ -191,19 +195,19 @@ class Stack:
                 section["rules"] = [r for r in section["rules"] if r["pattern"] != "|"]
         data.setdefault("target_proxy", {})["url"] = self.upstream_url
         data["server"] = {**data.get("server", {}), "host": "127.0.0.1", "port": port}
-        data["logging"] = {**data.get("logging", {}), "enabled": True, "folder": "logs"}
+        data["logging"] = {**data.get("logging", {}), "enabled": logging, "folder": "logs"}
         data["error_logging"] = {
             **data.get("error_logging", {}),
-            "enabled": True,
+            "enabled": logging,
             "folder": "logs/errors",
         }
         path = folder / "config.yaml"
         path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), "utf-8")
         return path
 
-    def start_fhp(self, name: str, rules: bool, sane: bool = False) -> Target:
+    def start_fhp(self, name: str, rules: bool, sane: bool = False, logging: bool = True) -> Target:
         port = free_port()
-        config = self.fhp_config(name, rules, port, sane)
+        config = self.fhp_config(name, rules, port, sane, logging)
         env = {k: v for k, v in os.environ.items() if not k.startswith("FHP_")}
         proc = spawn(
             [
@@ -220,7 +224,8 @@ class Stack:
             env,
         )
         target = Target(name, f"http://127.0.0.1:{port}/v1/chat/completions", proc)
-        target.extra["log_folder"] = str(config.parent / "logs")
+        if logging:
+            target.extra["log_folder"] = str(config.parent / "logs")
         if rules:
             loaded = yaml.safe_load(config.read_text("utf-8"))
             target.extra["rules"] = {
