@@ -301,9 +301,15 @@ def _any_of(options: frozenset[str]) -> regex.Pattern[str]:
     return regex.compile(r"\L<options>", regex.V0, options=sorted(options))
 
 
+#: Up to this many literals, ``_occurring`` checks each with ``in`` instead of one regex.
+FEW_LITERALS = 4
+
+
 def _occurring(text: str, literals: Iterable[str]) -> set[str]:
     """Which of ``literals`` occur in ``text``, in about one scan however many there are."""
     remaining = set(literals)
+    if len(remaining) <= FEW_LITERALS:  # a substring search each is cheaper than the regex
+        return {literal for literal in remaining if literal in text}
     found: set[str] = set()
     pos = 0
     while remaining:
@@ -415,7 +421,7 @@ class _Engine:
         # sep; `texts` is re-split from `joined` only when a rule needs it.
         joined: str | None = None
         split_needed = False
-        can_join = len(texts) > 1
+        can_join = True  # one text too: the literal scan below beats a count per rule
         present: set[str] | None = None  # literals that may occur in joined
         for position, rule in enumerate(rules):
             if joined is None and can_join:
