@@ -214,6 +214,13 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         ">= 0.85x (cost <= 15 %)",
         ge(v, 0.85),
     )
+    v = summary.get("c1", {}).get("rules_x_default_rps")
+    add(
+        "rewrite rules: c=1 throughput vs default config (no log dropped at c=1)",
+        v,
+        ">= 0.85x (information)",
+        ge(v, 0.85),
+    )
     v = summary.get("c16", {}).get("rules11_x_default_rps")
     add(
         "rewrite rules without the empty-matching '|': c=16 throughput vs default",
