@@ -142,33 +142,23 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     def get(cell: str, target: str, key: str) -> Any:
         return summary.get(cell, {}).get(target, {}).get(key)
 
-    v = get("c1", FHP, "added_p50_x_pass")
-    add("c=1 added p50 vs pass-through's (default config)", v, "<= 1.2x", le(v, 1.2))
-    v = get("c1", FHP_NOLOG, "added_p50_x_pass")
-    add(
-        "c=1 added p50 vs pass-through's with logging off",
-        v,
-        "<= 1.2x (information: the floor without log files)",
-        le(v, 1.2),
-    )
-    v = get("c1", FHP, "added_p99_ms")
-    add("c=1 added p99 over direct, ms (default config)", v, "<= 1 ms", le(v, 1.0))
-    v = get("c16", FHP, "x_pass_rps")
-    add("c=16 throughput vs pass-through (logging on)", v, ">= 0.75x", ge(v, 0.75))
-    v = get("c16", FHP_NOLOG, "x_pass_rps")
-    add(
-        "c=16 throughput vs pass-through with logging off",
-        v,
-        ">= 0.75x (information: the ceiling without log files)",
-        ge(v, 0.75),
-    )
-    v = get("c16", FHP, "x_pass_rps_with_log_catch_up")
-    add(
-        "c=16 throughput vs pass-through, counting the time the log writer needs to catch up",
-        v,
-        ">= 0.75x (information)",
-        ge(v, 0.75),
-    )
+    for cell, target, key, name, limit, check, bound in (
+        ("c1", FHP, "added_p50_x_pass", "c=1 added p50 vs pass-through's (default config)",
+         "<= 1.2x", le, 1.2),
+        ("c1", FHP_NOLOG, "added_p50_x_pass", "c=1 added p50 vs pass-through's with logging off",
+         "<= 1.2x (information: the floor without log files)", le, 1.2),
+        ("c1", FHP, "added_p99_ms", "c=1 added p99 over direct, ms (default config)",
+         "<= 1 ms", le, 1.0),
+        ("c16", FHP, "x_pass_rps", "c=16 throughput vs pass-through (logging on)",
+         ">= 0.75x", ge, 0.75),
+        ("c16", FHP_NOLOG, "x_pass_rps", "c=16 throughput vs pass-through with logging off",
+         ">= 0.75x (information: the ceiling without log files)", ge, 0.75),
+        ("c16", FHP, "x_pass_rps_with_log_catch_up",
+         "c=16 throughput vs pass-through, counting the time the log writer needs to catch up",
+         ">= 0.75x (information)", ge, 0.75),
+    ):  # fmt: skip
+        v = get(cell, target, key)
+        add(name, v, limit, check(v, bound))
     v = summary.get("c16", {}).get("fhp_x_litellm_rps")
     lite_ok = summary.get("c16", {}).get(LITELLM, {}).get("runs", 0) > 0
     add(
@@ -207,27 +197,18 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 lt(v, 100),
                 f"{fresh['completed']}/{fresh['streams']} streams complete",
             )
-    v = summary.get("c16", {}).get("rules_x_default_rps")
-    add(
-        "rewrite rules: c=16 throughput vs default config",
-        v,
-        ">= 0.85x (cost <= 15 %)",
-        ge(v, 0.85),
-    )
-    v = summary.get("c1", {}).get("rules_x_default_rps")
-    add(
-        "rewrite rules: c=1 throughput vs default config (no log dropped at c=1)",
-        v,
-        ">= 0.85x (information)",
-        ge(v, 0.85),
-    )
-    v = summary.get("c16", {}).get("rules11_x_default_rps")
-    add(
-        "rewrite rules without the empty-matching '|': c=16 throughput vs default",
-        v,
-        ">= 0.85x (information)",
-        ge(v, 0.85),
-    )
+    for cell, key, name, limit in (
+        ("c16", "rules_x_default_rps", "rewrite rules: c=16 throughput vs default config",
+         ">= 0.85x (cost <= 15 %)"),
+        ("c1", "rules_x_default_rps",
+         "rewrite rules: c=1 throughput vs default config (no log dropped at c=1)",
+         ">= 0.85x (information)"),
+        ("c16", "rules11_x_default_rps",
+         "rewrite rules without the empty-matching '|': c=16 throughput vs default",
+         ">= 0.85x (information)"),
+    ):  # fmt: skip
+        v = summary.get(cell, {}).get(key)
+        add(name, v, limit, ge(v, 0.85))
     if soak:
         add("soak: errors", soak["errors"], "0", soak["errors"] == 0, soak.get("aborted", ""))
         v = soak["rss_growth_mb"]
