@@ -42,9 +42,11 @@ def cfg(tmp_path: Path, **kw: object) -> Logging:
     return Logging(folder=str(tmp_path / "logs"), **kw)
 
 
-def full_record(key: str = "sk-test-0123456789abcdefghij") -> RequestRecord:
+def full_record(
+    key: str = "sk-test-0123456789abcdefghij", request_id: str = "a1b2c3d4"
+) -> RequestRecord:
     record = RequestRecord(
-        request_id="a1b2c3d4",
+        request_id=request_id,
         endpoint="/chat/completions",
         headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
         body=orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
@@ -175,8 +177,7 @@ class TestRequestLog:
         first = LogWriter()
         log = RequestLog(cfg(tmp_path), first)
         for n in range(3):
-            record = full_record()
-            record.request_id = f"req-{n}"
+            record = full_record(request_id=f"req-{n}")
             record.started_wall += n
             log.write(record)
         await first.close()
@@ -202,9 +203,7 @@ class TestRequestLog:
             f"20240101_0000{n:02d}_000_old{n}.log" for n in range(6, 10)
         ]
         for n in range(3):
-            record = full_record()
-            record.request_id = f"new{n}"
-            log.write(record)
+            log.write(full_record(request_id=f"new{n}"))
         await w.close()
         names = sorted(p.name for p in folder.glob("*.log"))
         assert len(names) == 4
@@ -236,15 +235,11 @@ class TestRequestLog:
         w = LogWriter()
         log = RequestLog(cfg(tmp_path, max_files=3), w)
         for n in range(3):
-            record = full_record()
-            record.request_id = f"r{n}"
-            log.write(record)
+            log.write(full_record(request_id=f"r{n}"))
         await w.drain()
         oldest = next(p for p in folder.glob("*.log") if "_r0" in p.name)
         inode = oldest.stat().st_ino
-        record = full_record()
-        record.request_id = "r3"
-        log.write(record)
+        log.write(full_record(request_id="r3"))
         await w.close()
         names = sorted(p.name for p in folder.glob("*.log"))
         assert len(names) == 3 and not any("_r0" in n for n in names)
@@ -263,18 +258,14 @@ class TestRequestLog:
         w = LogWriter()
         log = RequestLog(cfg(tmp_path, max_files=2), w)
         for n in range(2):
-            record = full_record()
-            record.request_id = f"r{n}"
-            log.write(record)
+            log.write(full_record(request_id=f"r{n}"))
         await w.drain()
 
         def broken(*args: object, **kwargs: object) -> Path:
             raise OSError("disk full")
 
         monkeypatch.setattr(w, "write_file", broken)
-        record = full_record()
-        record.request_id = "r2"
-        log.write(record)
+        log.write(full_record(request_id="r2"))
         await w.close()
         names = sorted(p.name for p in folder.glob("*.log"))
         assert len(names) == 1 and "_r1" in names[0]  # r0 was due: removed, not orphaned
