@@ -68,6 +68,16 @@ def full_record(
     return record
 
 
+async def full_folder(tmp_path: Path, max_files: int) -> tuple[LogWriter, RequestLog]:
+    """A request log whose folder is full: ``max_files`` logs, r0 the oldest."""
+    w = LogWriter()
+    log = RequestLog(cfg(tmp_path, max_files=max_files), w)
+    for n in range(max_files):
+        log.write(full_record(request_id=f"r{n}"))
+    await w.drain()
+    return w, log
+
+
 SECTIONS = {
     "include_headers": ["REQUEST HEADERS:", "RESPONSE HEADERS:"],
     "include_request_data": ["REQUEST DATA:", "ORIGINAL REQUEST DATA (before rewrite rules):"],
@@ -232,11 +242,7 @@ class TestRequestLog:
 
     async def test_full_folder_reuses_the_oldest_file(self, tmp_path: Path) -> None:
         folder = tmp_path / "logs"
-        w = LogWriter()
-        log = RequestLog(cfg(tmp_path, max_files=3), w)
-        for n in range(3):
-            log.write(full_record(request_id=f"r{n}"))
-        await w.drain()
+        w, log = await full_folder(tmp_path, 3)
         oldest = next(p for p in folder.glob("*.log") if "_r0" in p.name)
         inode = oldest.stat().st_ino
         log.write(full_record(request_id="r3"))
@@ -255,11 +261,7 @@ class TestRequestLog:
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         folder = tmp_path / "logs"
-        w = LogWriter()
-        log = RequestLog(cfg(tmp_path, max_files=2), w)
-        for n in range(2):
-            log.write(full_record(request_id=f"r{n}"))
-        await w.drain()
+        w, log = await full_folder(tmp_path, 2)
 
         def broken(*args: object, **kwargs: object) -> Path:
             raise OSError("disk full")
