@@ -20,9 +20,9 @@ from first_hop_proxy.server import RunningServer, start
 
 from .fake_upstream import FakeUpstream
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SPEC = SHARED / "spec"
-SPEC_CONFIG = SPEC / "original-config.example.yaml"
+DATA = Path(__file__).resolve().parent / "data"
+#: A config in the original implementation's format, with its users' quirks (see its header).
+LEGACY_CONFIG = DATA / "legacy-config.yaml"
 REPO = Path(__file__).resolve().parents[1]
 
 StartProxy = Callable[..., Awaitable[RunningServer]]

@@ -78,9 +78,9 @@ error_handling:
 
 
 def test_check_config_spec_file(tmp_path: Path) -> None:
-    from .conftest import SPEC_CONFIG
+    from .conftest import LEGACY_CONFIG
 
-    result = run(["check-config", "--config", str(SPEC_CONFIG)], tmp_path)
+    result = run(["check-config", "--config", str(LEGACY_CONFIG)], tmp_path)
     assert result.returncode == 0, result.stderr
     assert "your-api-key-here" not in result.stdout + result.stderr
     assert "fail_codes wins" in result.stderr

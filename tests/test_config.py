@@ -17,7 +17,7 @@ from first_hop_proxy.config import (
     parse_config,
 )
 
-from .conftest import REPO, SPEC_CONFIG
+from .conftest import LEGACY_CONFIG, REPO
 
 EXAMPLE = REPO / "config.yaml.example"
 
@@ -38,11 +38,11 @@ def write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
     return path
 
 
-# --- The spec's config and the shipped example -------------------------------------------
+# --- A legacy config and the shipped example -------------------------------------------
 
 
 def test_spec_config_loads_unchanged() -> None:
-    loaded = load_config(SPEC_CONFIG, env={})
+    loaded = load_config(LEGACY_CONFIG, env={})
     config = loaded.config
     assert config.target_proxy.url == "https://your-remote-proxy.com/chat/completions"
     assert config.target_proxy.headers == {"Authorization": "Bearer your-api-key-here"}
@@ -70,13 +70,13 @@ def test_spec_config_loads_unchanged() -> None:
     assert rule.preserve_original_response and rule.add_user_message
     assert config.server.host == "0.0.0.0" and config.server.port == 8765
     assert config.error_logging.max_files == 100
-    # Relative folders resolve against the spec's folder, not the working directory.
-    assert Path(config.logging.folder) == SPEC_CONFIG.parent.resolve() / "logs"
-    assert Path(config.error_logging.folder) == SPEC_CONFIG.parent.resolve() / "logs" / "errors"
+    # Relative folders resolve against the config file's folder, not the working directory.
+    assert Path(config.logging.folder) == LEGACY_CONFIG.parent.resolve() / "logs"
+    assert Path(config.error_logging.folder) == LEGACY_CONFIG.parent.resolve() / "logs" / "errors"
 
 
 def test_spec_config_warnings() -> None:
-    warnings = load_config(SPEC_CONFIG, env={}).warnings
+    warnings = load_config(LEGACY_CONFIG, env={}).warnings
     overlap = [w for w in warnings if w.startswith("error_handling.conditional_retry_codes")]
     assert any("411" in w and "fail_codes wins" in w for w in overlap), warnings
     assert any("423" in w and "retry_codes wins" in w for w in overlap), warnings

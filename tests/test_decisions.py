@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -29,7 +28,8 @@ from first_hop_proxy.decisions import (
     upstream_message,
 )
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec"
+from .conftest import LEGACY_CONFIG
+
 NOW = 1_700_000_000.0
 
 
@@ -1627,12 +1627,12 @@ def test_hard_stop_rule_type() -> None:
     assert isinstance(d.hard_stop_rule, HardStopRule)
 
 
-# -- the spec's own config ---------------------------------------------------
+# -- a legacy config --------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def spec_policy() -> Policy:
-    loaded = load_config(SPEC / "original-config.example.yaml")
+    loaded = load_config(LEGACY_CONFIG)
     return Policy.from_config(loaded.config)
 
 
@@ -1734,7 +1734,7 @@ def test_spec_config_hard_stop(spec_policy: Policy, outcome: Outcome) -> None:
     d = run(outcome, policy=spec_policy)
     assert d.action is Action.HARD_STOP
     error = error_body(d, 1, 0.5)["error"]
-    assert error["message"].startswith("Your previous message contains characters")
+    assert error["message"].startswith("The upstream could not process your last message")
     assert error["code"] == "hard_stop_condition_met"
     assert GOOGLE_CRASH.split(":")[0].lower() in error["original_response"].lower()
 

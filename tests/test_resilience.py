@@ -694,7 +694,7 @@ async def test_client_leaving_cancels_the_upstream_attempt(
     assert upstream.calls == 1
 
 
-# -- the spec's own example config ------------------------------------------------
+# -- a legacy config -------------------------------------------------------------
 
 
 async def spec_proxy(
@@ -702,9 +702,9 @@ async def spec_proxy(
 ) -> RunningServer:
     import yaml
 
-    from .conftest import SPEC_CONFIG, merge
+    from .conftest import LEGACY_CONFIG, merge
 
-    spec = yaml.safe_load(SPEC_CONFIG.read_text())
+    spec = yaml.safe_load(LEGACY_CONFIG.read_text())
     fast = {
         "target_proxy": {"url": upstream.chat_url, "headers": {}},
         "error_handling": {"base_delay": 0.01, "max_delay": 0.05},
@@ -736,7 +736,7 @@ async def test_spec_config_hard_stop(
     error = answer.error
     assert error["type"] == "hard_stop_error"
     assert error["code"] == "hard_stop_condition_met"
-    assert error["message"].startswith("Your previous message contains characters")
+    assert error["message"].startswith("The upstream could not process your last message")
     assert error["original_response"] == orjson.dumps(body).decode()
 
 

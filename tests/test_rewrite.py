@@ -22,9 +22,8 @@ from first_hop_proxy.config import (
 )
 from first_hop_proxy.rewrite import Rewriter, RuleTimeout, _bounded, trial
 
-SPEC_CONFIG = (
-    Path(__file__).resolve().parents[2] / "shared" / "spec" / "original-config.example.yaml"
-)
+from .conftest import LEGACY_CONFIG
+
 CATASTROPHIC = "a" * 40 + "b"
 
 
@@ -44,7 +43,7 @@ def one(rewriter: Rewriter, text: str, role: str = "user") -> str:
 
 @pytest.fixture(scope="module")
 def user_config() -> Config:
-    return load_config(SPEC_CONFIG).config
+    return load_config(LEGACY_CONFIG).config
 
 
 # -- outgoing ---------------------------------------------------------------------
@@ -628,7 +627,7 @@ def test_user_config_pipe_rule_matches_everywhere(user_config: Config) -> None:
     # the reply rules turn every \u007c back into a pipe
     back, _ = rw.rewrite_text(sent, response=True)
     assert back == "|i|t|\\|u|2|0|1|9|s|"
-    warnings = load_config(SPEC_CONFIG).warnings
+    warnings = load_config(LEGACY_CONFIG).warnings
     assert any("regex_replacement.rules[9].pattern" in w for w in warnings)
 
 
@@ -689,9 +688,9 @@ def test_trial_report(user_config: Config) -> None:
     assert "\\u007ci\\u007ct\\u007c" in lines[2]
     assert any(line.startswith("As sent in JSON: ") and "\\\\u007c" in line for line in lines)
     assert (
-        "  rules[0] Convert apostrophe to Unicode escape (double backslash): 1 replacement" in lines
+        "  rules[0] Escape apostrophe as \\u2019 (two backslashes in YAML): 1 replacement" in lines
     )
-    assert "  rules[6] Convert hyphen to Unicode escape (double backslash): 1 replacement" in lines
+    assert "  rules[6] Escape hyphen as \\u002d (two backslashes in YAML): 1 replacement" in lines
     assert not any(line.startswith("  rules[1]") for line in lines)
     assert lines[-1].startswith("Total: ")
 

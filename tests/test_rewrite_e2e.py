@@ -13,7 +13,7 @@ import orjson
 
 from first_hop_proxy.server import RunningServer
 
-from .conftest import SPEC_CONFIG, StartProxy, chat_body
+from .conftest import LEGACY_CONFIG, StartProxy, chat_body
 from .fake_upstream import FakeUpstream, Json, Sse, chunk, completion
 
 CHAT = "/v1/chat/completions"
@@ -127,12 +127,12 @@ async def test_runaway_rule_is_cut_off_and_the_proxy_keeps_answering(
 
 def test_rewrite_command_reports_counts() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "first_hop_proxy", "rewrite", "--config", str(SPEC_CONFIG), "a-b"],
+        [sys.executable, "-m", "first_hop_proxy", "rewrite", "--config", str(LEGACY_CONFIG), "a-b"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    assert "Convert hyphen to Unicode escape" in out
+    assert "Escape hyphen as" in out
     assert "1 replacement" in out
     out = subprocess.run(
         [
@@ -141,7 +141,7 @@ def test_rewrite_command_reports_counts() -> None:
             "first_hop_proxy",
             "rewrite",
             "--config",
-            str(SPEC_CONFIG),
+            str(LEGACY_CONFIG),
             "--response",
             "it\\u2019s",
         ],

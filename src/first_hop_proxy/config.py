@@ -1,7 +1,7 @@
 """The config file: its typed model, its defaults and how it is loaded.
 
 The YAML format is a contract: a ``config.yaml`` written for the original
-implementation (``../shared/spec/original-config.example.yaml``) must load here.
+implementation (``tests/data/legacy-config.yaml`` has its shapes) must load here.
 Loading never half-works: every problem is collected and reported at once, one
 line per problem, each naming the key path and what to do about it.
 """
