@@ -187,3 +187,30 @@ async def test_no_key_or_piece_of_one_leaks_anywhere(
             if hits:
                 found[f"{name} in {where}"] = hits[0]
     assert found == {}
+
+
+async def test_no_key_placeholder_is_not_masked(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """SillyTavern with no stored key sends ``Bearer undefined``: the word stays readable in
+    the person's prompt, in the request log and in the upstream's error text."""
+    proxy = await start_proxy()
+    upstream.default = Json(400, {"error": {"message": "TypeError: x is undefined"}})
+    prompt = "Why is my variable undefined?"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            proxy.url + "/v1/chat/completions",
+            json=chat_body(text=prompt),
+            headers={"Authorization": "Bearer undefined"},
+        ) as resp,
+    ):
+        error = (await resp.json())["error"]
+    assert "TypeError: x is undefined" in error["message"]
+    await settle(proxy)
+    (log,) = request_logs(tmp_path / "logs").values()
+    text = log.read_text()
+    assert prompt in text
+    assert "x is undefined" in text
+    assert "***" not in text
+    assert "Authorization" not in upstream.received[-1].headers

@@ -248,3 +248,25 @@ class TestParsedJson:
 def test_unicode_escape_found_only_where_one_begins(raw: bytes, escaped: bool) -> None:
     assert _has_unicode_escape(raw) is escaped
     assert isinstance(orjson.loads(raw), str)  # every case is valid JSON
+
+
+# -- placeholders: what a client sends when it holds no key ---------------------------
+
+
+@pytest.mark.parametrize(
+    "value", ["Bearer undefined", "Bearer null", "Bearer ", "Bearer", "undefined", "NULL", ""]
+)
+def test_placeholder_is_no_secret(value: str) -> None:
+    assert header_secrets({"Authorization": value}) == []
+    redactor = Redactor(header_secrets({"Authorization": value}))
+    assert redactor.text("Why is my variable undefined? x is null") == (
+        "Why is my variable undefined? x is null"
+    )
+    assert redact_headers({"Authorization": value})["Authorization"] == value
+
+
+def test_real_key_still_masked_beside_placeholder_words() -> None:
+    key = "pw-0123456789abcdef"
+    secrets = header_secrets({"Authorization": f"Bearer {key}", "X-Api-Key": "undefined"})
+    assert secrets == [key]
+    assert Redactor(secrets).text(f"undefined {key}") == "undefined …cdef"

@@ -6,6 +6,8 @@ from collections.abc import Iterable, Mapping
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .redact import is_placeholder
+
 # RFC 9110 section 7.6.1 connection-specific fields, plus the ones this proxy sets itself.
 HOP_BY_HOP = frozenset(
     {
@@ -24,7 +26,6 @@ HOP_BY_HOP = frozenset(
 )
 # Not forwarded back to the client: the body is re-framed (and decompressed) here.
 RESPONSE_DROP = HOP_BY_HOP | {"content-encoding", "x-request-id", "date", "server"}
-EMPTY_BEARERS = frozenset({"bearer", "bearer undefined", "bearer null", "bearer none"})
 
 
 def _connection_named(headers: Mapping[str, str]) -> set[str]:
@@ -57,7 +58,7 @@ def upstream_headers(
         lower = name.lower()
         if lower in drop:
             continue
-        if lower == "authorization" and value.strip().lower() in EMPTY_BEARERS:
+        if lower == "authorization" and is_placeholder(value):
             continue
         out.add(name, value)
     for name, value in configured.items():
@@ -66,9 +67,9 @@ def upstream_headers(
 
 
 def is_empty_value(value: str) -> bool:
-    """A header value that carries nothing: empty, or a bearer without a token."""
-    stripped = value.strip()
-    return not stripped or stripped.lower() in EMPTY_BEARERS
+    """A header value that carries nothing: empty, or a bearer without a token
+    (``Bearer``, ``Bearer undefined``, ``Bearer null``)."""
+    return is_placeholder(value)
 
 
 def client_headers(upstream: Iterable[tuple[str, str]]) -> CIMultiDict[str]:

@@ -36,6 +36,9 @@ SECRET_HEADERS = frozenset(
 # Any header whose name has one of these in it is taken to carry a credential.
 _SECRET_HEADER_WORDS = ("key", "auth", "token", "secret", "password", "session", "cookie")
 _AUTH_SCHEMES = frozenset({"bearer", "basic", "token", "digest"})
+#: What clients send when they hold no key (SillyTavern: ``Bearer undefined``): never a secret,
+#: and masking the word would garble every prompt and error message that uses it.
+PLACEHOLDERS = frozenset({"", "undefined", "null", "none", "bearer"})
 
 # JSON keys (compared lower-case with '-' and '_' removed) whose values are secrets.
 SECRET_KEYS = frozenset(
@@ -136,20 +139,40 @@ def is_secret_key(name: str) -> bool:
 
 
 def mask_header_value(value: str) -> str:
-    """Mask a credential header value, keeping its scheme word (``Bearer sk-…wxyz``)."""
+    """Mask a credential header value, keeping its scheme word (``Bearer sk-…wxyz``).
+
+    A placeholder (``Bearer undefined``) is shown as it is: it says no key was sent.
+    """
+    if is_placeholder(value):
+        return value
     scheme, sep, rest = value.strip().partition(" ")
     if sep and scheme.lower() in _AUTH_SCHEMES:
         return f"{scheme} {mask(rest)}"
     return mask(value)
 
 
+def credential(value: str) -> str:
+    """A credential header's secret part: the value without its scheme word (``Bearer``)."""
+    scheme, sep, rest = value.strip().partition(" ")
+    return rest.strip() if sep and scheme.lower() in _AUTH_SCHEMES else value.strip()
+
+
+def is_placeholder(value: str) -> bool:
+    """A header value that carries no key: empty, ``Bearer`` alone, ``Bearer undefined``..."""
+    return credential(value).lower() in PLACEHOLDERS
+
+
 def header_secrets(headers: Headers) -> list[str]:
-    """The credential values in ``headers`` (scheme word removed), to mask wherever they occur."""
+    """The credential values in ``headers`` (scheme word removed), to mask wherever they occur.
+
+    Placeholders (``Bearer undefined``) are left out: they are words, not keys.
+    """
     found: list[str] = []
     for name, value in _header_items(headers):
         if is_secret_header(name):
-            scheme, sep, rest = value.strip().partition(" ")
-            found.append(rest.strip() if sep and scheme.lower() in _AUTH_SCHEMES else value)
+            secret = credential(value)
+            if secret.lower() not in PLACEHOLDERS:
+                found.append(secret)
     return found
 
 
