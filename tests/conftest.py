@@ -132,8 +132,11 @@ async def raw_request(
     """One HTTP/1.1 request written byte for byte (no client normalizes the path)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     headers = headers or {}
-    lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
-    if "connection" not in {k.lower() for k in headers}:
+    given = {k.lower() for k in headers}
+    lines = [f"{method} {path} HTTP/1.1"]
+    if "host" not in given:
+        lines.append(f"Host: 127.0.0.1:{port}")
+    if "connection" not in given:
         lines.append("Connection: close")
     lines += [f"{k}: {v}" for k, v in headers.items()]
     if body or method == "POST":

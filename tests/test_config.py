@@ -184,7 +184,8 @@ def test_defaults() -> None:
     assert config.server.port == 8765
     assert config.server.max_body_mb == 50
     assert config.server.shutdown_grace_seconds == 30
-    assert config.server.cors_origins == ["*"]
+    assert config.server.cors_origins == []
+    assert config.server.allowed_hosts == []
     assert config.target_proxy.timeout == 30
     assert config.error_handling.max_retries == 10
     assert config.error_handling.base_delay == 1

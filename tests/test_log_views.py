@@ -47,7 +47,7 @@ async def raw_get(logs: Logs, target: str) -> tuple[int, bytes]:
     """Send ``GET target`` byte for byte, so no client library normalizes the path."""
     server = logs.client.server
     reader, writer = await asyncio.open_connection(server.host, server.port)
-    writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    writer.write(f"GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
     await writer.drain()
     response = await reader.read()
     writer.close()

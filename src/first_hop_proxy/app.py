@@ -99,9 +99,7 @@ def create_app(loaded: LoadedConfig) -> web.Application:
     config = loaded.config
     app = web.Application(
         client_max_size=int(config.server.max_body_mb * 1024 * 1024),
-        middlewares=[
-            front_door(config.server.cors_origins),
-        ],
+        middlewares=[front_door()],
         handler_args={"max_field_size": 65536},
     )
     state = State.build(loaded)

@@ -248,7 +248,8 @@ class Server(Section):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = DEFAULT_PORT
     debug: bool = False
-    cors_origins: list[str] = Field(default_factory=lambda: ["*"])
+    cors_origins: list[str] = Field(default_factory=list)
+    allowed_hosts: list[str] = Field(default_factory=list)
     max_body_mb: Positive = 50
     shutdown_grace_seconds: NonNegative = 30
 
@@ -550,6 +551,12 @@ def _semantic_warnings(config: Config) -> list[str]:
             f"server.host: listening on {config.server.host} exposes the key in "
             "target_proxy.headers to anyone on the network who can reach this port; "
             "use 127.0.0.1 unless other machines must connect"
+        )
+    if "*" in config.server.cors_origins:
+        warnings.append(
+            "server.cors_origins: '*' lets every web page open in your browser send chats "
+            "through the proxy (spending your key); list only the origins that need it, "
+            "or leave it empty: SillyTavern does not need CORS"
         )
     for section, rules in (
         ("regex_replacement", config.regex_replacement.rules),

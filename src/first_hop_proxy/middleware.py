@@ -1,4 +1,4 @@
-"""The one middleware every request passes: request id, CORS, counters, JSON errors.
+"""The one middleware every request passes: request id, guard, CORS, counters, JSON errors.
 
 One middleware rather than four: each layer costs a coroutine frame on every
 request, and this is the proxy's hot path.
@@ -14,7 +14,10 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from .demo import DEMO_PREFIX
+from .error_log import ErrorEvent
 from .errors import error_response
+from .guard import PUBLIC_PATHS
+from .redact import redact_text
 from .state import REQUEST_ID, STATE
 
 log = logging.getLogger("first_hop_proxy")
@@ -57,33 +60,37 @@ def is_chat_request(request: web.Request) -> bool:
     )
 
 
-def front_door(origins: list[str]) -> Middleware:
-    """The middleware for ``server.cors_origins`` (``*``: any origin).
+def front_door() -> Middleware:
+    """The middleware in front of every handler.
 
     - every request gets an id, sent back in ``X-Request-ID``;
+    - the guard (:mod:`guard`): a foreign ``Host`` gets 421, a foreign page 403;
     - CORS: the allowed origin is remembered on the request and
       :func:`add_response_headers` puts it on the response (streams too);
       preflights are answered here;
     - chat requests are counted (total, in flight, by final status);
     - every error the client sees is OpenAI-style JSON, never an HTML page.
     """
-    allow_any = "*" in origins
-    listed = {o.rstrip("/") for o in origins}
-
-    def allowed(origin: str | None) -> str | None:
-        if allow_any:
-            return "*"
-        return origin if origin is not None and origin.rstrip("/") in listed else None
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         request_id_of(request)
-        allow = allowed(request.headers.get("Origin"))
+        state = request.app[STATE]
+        guard = state.guard
+        headers = request.headers
+        host, origin = headers.get("Host"), headers.get("Origin")
+        if not guard.host_allowed(host):
+            return refuse(request, 421, foreign_host_message(host or ""), "host_not_allowed")
+        if request.path not in PUBLIC_PATHS and not guard.origin_allowed(
+            origin, headers.get("Sec-Fetch-Site"), host
+        ):
+            return refuse(request, 403, foreign_origin_message(origin), "origin_not_allowed")
+        allow = guard.cors_origin(origin, request.path)
         if allow is not None:
             request[CORS_ORIGIN] = allow
-        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in headers:
             return preflight(request)
-        counters = request.app[STATE].counters if is_chat_request(request) else None
+        counters = state.counters if is_chat_request(request) else None
         if counters is not None:
             counters.requests += 1
             counters.in_flight += 1
@@ -111,6 +118,44 @@ def front_door(origins: list[str]) -> Middleware:
         return response
 
     return middleware
+
+
+def foreign_host_message(host: str) -> str:
+    shown = redact_text(host)[:100].encode("ascii", "backslashreplace").decode()
+    return (
+        f"This proxy only answers requests addressed to it by IP address or as localhost; this "
+        f"one was addressed to {shown!r}. A web page can point its own name at 127.0.0.1 to "
+        "reach the proxy (DNS rebinding), so other names are refused. If you reach the proxy "
+        "through that name yourself, add it to server.allowed_hosts in config.yaml."
+    )
+
+
+def foreign_origin_message(origin: str | None) -> str:
+    shown = redact_text(origin or "another site")[:100].encode("ascii", "backslashreplace")
+    return (
+        f"Requests from web pages ({shown.decode()}) are refused: a page open in your browser "
+        "could otherwise read your chats or spend your key. SillyTavern does not need this. To "
+        "let a page you trust use the proxy, add its origin to server.cors_origins in config.yaml."
+    )
+
+
+def refuse(request: web.Request, status: int, message: str, code: str) -> web.Response:
+    """A guard refusal: logged (one error log each), answered with a JSON error."""
+    state = request.app[STATE]
+    state.error_log.log(
+        ErrorEvent(
+            code,
+            "Forbidden",
+            message,
+            status_code=status,
+            request_id=request_id_of(request),
+            method=request.method,
+            path=request.path,
+            client=request.remote,
+            headers=request.headers.copy(),
+        )
+    )
+    return error_response(status, message, "invalid_request_error", code)
 
 
 def preflight(request: web.Request) -> web.Response:

@@ -19,6 +19,7 @@ from .breaker import CircuitBreaker, Transition
 from .config import Config, LoadedConfig
 from .decisions import Policy
 from .error_log import ErrorEvent, ErrorLog
+from .guard import Guard
 from .headers import configured_headers
 from .redact import Redactor, header_secrets
 from .request_log import RequestLog
@@ -61,6 +62,7 @@ class State:
     writer: LogWriter
     request_log: RequestLog
     error_log: ErrorLog
+    guard: Guard
     started: float = field(default_factory=time.monotonic)
     counters: Counters = field(default_factory=Counters)
     last_models: bytes | None = None  # the upstream's last good /models answer
@@ -84,6 +86,7 @@ class State:
             writer=writer,
             request_log=RequestLog(config.logging, writer, redactor),
             error_log=error_log,
+            guard=Guard.from_config(config.server),
         )
         writer.on_failure = state.log_write_failure
         return state
