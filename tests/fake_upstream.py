@@ -212,3 +212,66 @@ class FakeUpstream:
     async def close(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+# -- a community reverse proxy's dialect: errors sent as replies ----------------------
+
+
+def proxy_error_text(
+    status: int | None = 429,
+    reason: str = "Too Many Requests",
+    message: str = "You exceeded your current quota, please wait.",
+    *,
+    style: str = "current",
+    title: str | None = None,
+) -> tuple[str, str]:
+    """(markdown, title) of an error as a community proxy writes it into a reply.
+
+    ``style``: "current" (heading, italic message, fenced JSON, marker comment),
+    "old" (bold title, message on the next line, fenced JSON), "queue" (the
+    oldest queue-kill text, ``[proxy queue error: ...]``).
+    """
+    if style == "queue":
+        return f"[proxy queue error: {message}]", "proxy queue error"
+    title = title or f"Proxy error (HTTP {status} {reason})"
+    dump = orjson.dumps(
+        {
+            "type": "error",
+            "error": {"type": "upstream_error", "message": message},
+            "proxy_note": "The request was refused upstream.",
+        },
+        option=orjson.OPT_INDENT_2,
+    ).decode()
+    if style == "old":
+        return f"\n\n**{title}**\n{message}\n```json\n{dump}\n```", title
+    markdown = (
+        f"### **{title}**\n\nSomething went wrong on the way to the API; details below.\n\n"
+        f"----\n\n*{message}*\n\n```json\n{dump}\n```\n\n<!-- oai-proxy-error -->"
+    )
+    return markdown, title
+
+
+def disguised_reply(**kw: Any) -> dict[str, Any]:
+    """A chat.completion whose text is an error (HTTP 200 on the wire)."""
+    text, title = proxy_error_text(**kw)
+    body = completion(text, finish=title, id="error-d41d8cd9")
+    body["usage"] = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    return body
+
+
+def disguised_chunk(**kw: Any) -> dict[str, Any]:
+    """The stream chunk that carries such an error (then ``[DONE]``)."""
+    text, title = proxy_error_text(**kw)
+    return chunk(text, finish=title)
+
+
+def queue_comments(count: int, size: int = 512) -> list[bytes]:
+    """``: joining queue`` and ``count`` heartbeats padded to ``size`` bytes, as raw SSE."""
+    pad = "A" * size
+    first = [b": joining queue at position 3\n\n"]
+    return first + [f": queue heartbeat {pad}\n\n".encode() for _ in range(count)]
+
+
+def raw_events(*events: dict[str, Any] | bytes) -> list[bytes]:
+    """Events as wire bytes (dicts as ``data:`` lines) for ``Sse(raw=True)``."""
+    return [e if isinstance(e, bytes) else b"data: " + orjson.dumps(e) + b"\n\n" for e in events]

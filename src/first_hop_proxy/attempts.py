@@ -98,6 +98,8 @@ async def attempt_until_decided(ex: Exchange, attempt: Attempt) -> tuple[Decisio
         state.counters.retries += 1
         ex.history = ex.history.after(decision)
         await asyncio.sleep(decision.delay)
+        # Logged once taken: a wait cut short by the client leaving was not a delay.
+        ex.record.attempts[-1].delay_before_next = decision.delay
 
 
 def note_attempt(ex: Exchange, reply: Reply, decision: Decision, duration: float) -> None:
@@ -113,10 +115,15 @@ def note_attempt(ex: Exchange, reply: Reply, decision: Decision, duration: float
         error=problem if decision.action is not Action.DELIVER else "",
         recategorization=recat_text,
     )
-    if decision.action is Action.RETRY:
-        attempt.delay_before_next = decision.delay
+    if decision.action is not Action.DELIVER:
+        attempt.reply = reply.body or reply.payloads().encode()
+    if reply.comments:
+        attempt.note = (
+            f"{reply.comments} comment(s), {reply.comment_bytes:,} bytes, before the first "
+            f"token (queue heartbeats?), the first: {reply.first_comment!r}"
+        )
     if ex.state.config.server.debug:
-        debug_attempt(ex, attempt)
+        debug_attempt(ex, attempt, decision.delay if decision.action is Action.RETRY else None)
     if recat is not None and ex.state.config.response_parsing.logging.log_recategorization:
         parsing_log = ex.state.config.response_parsing.logging
         if parsing_log.enabled:
@@ -158,12 +165,11 @@ def note_attempt(ex: Exchange, reply: Reply, decision: Decision, duration: float
     )
 
 
-def debug_attempt(ex: Exchange, attempt: AttemptRecord) -> None:
+def debug_attempt(ex: Exchange, attempt: AttemptRecord, delay: float | None) -> None:
     """``server.debug``: one console line per upstream attempt, secrets masked."""
     redact = ex.redactor().text
     status = attempt.status if attempt.status is not None else "no response"
     error = f"; error: {redact(attempt.error)[:DEBUG_TEXT]}" if attempt.error else ""
-    delay = attempt.delay_before_next
     log.debug(
         "%s attempt #%d: %s in %.3f s -> %s (%s)%s%s",
         ex.request_id,

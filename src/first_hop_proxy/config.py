@@ -28,6 +28,7 @@ from pydantic import (
     field_validator,
 )
 
+from .dialects import DEFAULT_TITLE_PATTERN
 from .headers import is_empty_value
 from .redact import is_secret_header
 
@@ -191,8 +192,18 @@ class ParsingLogging(Section):
     include_matched_pattern: bool = True
 
 
+class DisguisedErrors(Section):
+    """Errors that community proxies send as a reply's text (see ``dialects``)."""
+
+    enabled: bool = True
+    title_pattern: str = DEFAULT_TITLE_PATTERN
+
+    _pattern_ok = field_validator("title_pattern")(check_pattern)
+
+
 class ResponseParsing(Section):
     enabled: bool = True
+    disguised_errors: DisguisedErrors = Field(default_factory=DisguisedErrors)
     status_recategorization: StatusRecategorization = Field(default_factory=StatusRecategorization)
     json_extraction: JsonExtraction = Field(default_factory=JsonExtraction)
     logging: ParsingLogging = Field(default_factory=ParsingLogging)

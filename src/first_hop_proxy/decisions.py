@@ -12,8 +12,9 @@ The rules, first match wins:
 1. The client has gone: ABANDON.
 2. A hard-stop pattern in the body or a stream error event: HARD_STOP.
 3. Status recategorization rules rewrite the status for the rules below.
-4. A 2xx carrying an in-band error takes that error's status; a 2xx with an
-   empty reply is retried on its own budget.
+4. A 2xx carrying an in-band error takes that error's status (an error a
+   community proxy sent as the reply text, :mod:`dialects`, included); a 2xx
+   with an empty reply is retried on its own budget.
 5. ``fail_codes``: FAIL. 6. ``retry_codes``: RETRY within ``max_retries``.
 7. ``conditional_retry_codes``: RETRY within ``conditional_retry_max_attempts``.
 8. Transport failures: RETRY within ``max_retries``.
@@ -35,6 +36,7 @@ import regex  # type: ignore[import-untyped, unused-ignore]
 
 from first_hop_proxy.backoff import delay_for, retry_after_from_headers
 from first_hop_proxy.config import Config, HardStopRule, RecategorizationRule
+from first_hop_proxy.dialects import Disguised, Title, disguised_error
 
 Budget = Literal["retry", "conditional", "empty"]
 ErrorType = Literal[
@@ -240,6 +242,8 @@ class Policy:
     empty_max_retries: int = 3
     empty_finish_reasons: frozenset[str] = frozenset()
     empty_deliver_last: bool = False
+    #: The title pattern of errors sent as replies; None when that check is off.
+    disguise_title: Title | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> Policy:
@@ -267,6 +271,7 @@ class Policy:
         if rp.enabled and rp.json_extraction.enabled:
             paths = tuple(parse_path(p) for p in rp.json_extraction.paths)
         empty = eh.empty_response
+        disguised = rp.disguised_errors
         return cls(
             retry_codes=frozenset(eh.retry_codes),
             fail_codes=frozenset(eh.fail_codes),
@@ -290,6 +295,9 @@ class Policy:
             empty_max_retries=empty.max_retries,
             empty_finish_reasons=frozenset(f.casefold() for f in empty.finish_reasons),
             empty_deliver_last=empty.deliver_last,
+            disguise_title=(
+                Title(disguised.title_pattern) if rp.enabled and disguised.enabled else None
+            ),
         )
 
     def recategorizations_for(self, status: int) -> tuple[_Recategorization, ...]:
@@ -488,6 +496,7 @@ class _Judge:
     """One call of :func:`decide`: the facts gathered once, the rules as methods."""
 
     __slots__ = (
+        "disguise",
         "doc",
         "history",
         "jitter",
@@ -508,6 +517,7 @@ class _Judge:
         self.now = now
         self.recategorized: Recategorized | None = None
         self.retry_after: float | None = None
+        self.disguise: Disguised | None = None
         self.doc = outcome.json if outcome.json is not UNPARSED else self._parse_document()
 
     def _parse_document(self) -> Any:
@@ -524,6 +534,8 @@ class _Judge:
         """What the upstream said, for the person: its error event, its error
         body, or (when the attempt broke down) the transport's own message."""
         o = self.outcome
+        if self.disguise is not None:
+            return _trim(self.disguise.text)
         if o.stream and o.stream_error_event is not None:
             return upstream_message(self.doc, o.stream_error_event)
         broken = o.transport_error is not None and (o.status is None or 200 <= o.status < 300)
@@ -794,6 +806,11 @@ class _Judge:
                 return self.by_status(status, note)
         if status is None or o.transport_error is not None:
             return self.transport()
+        title = self.policy.disguise_title
+        if title is not None and isinstance(self.doc, dict):
+            self.disguise = disguised_error(self.doc, o.headers, title=title)
+            if self.disguise is not None:
+                return self.by_status(self.disguise.status, f" (an error sent as a {status} reply)")
         if o.stream:
             if o.first_content:
                 return self.make(Action.DELIVER, "stream has content", status, None)

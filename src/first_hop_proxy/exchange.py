@@ -46,6 +46,9 @@ class Exchange:
     last_code: str = ""  # the last failed attempt's status or failure kind, for keep-alives
     calls: int = 0  # upstream attempts made (a retry the breaker refused is not one)
     outcome_note: str = ""
+    #: The status the request really ended with, when the client was already sent
+    #: another (a stream committed with 200 that then ended with an error event).
+    ended_status: int | None = None
 
     @property
     def request_id(self) -> str:

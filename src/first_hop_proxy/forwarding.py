@@ -137,7 +137,11 @@ async def rewrite_request(ex: Exchange, chat: ChatRequest) -> None:
 def finish(ex: Exchange, status: int) -> None:
     """The request is over: its log file, and one console line."""
     record = ex.record
+    if ex.ended_status is not None and ex.ended_status != status:
+        record.client_status = status
+        status = ex.ended_status
     record.finish(status)
+    record.outcome = ex.outcome_note
     if ex.outcome_note:
         record.error = record.error or ex.outcome_note
     ex.state.request_log.write(record)

@@ -36,6 +36,8 @@ _SUMMARY_RE = re.compile(
 )
 _ID_RE = re.compile(r"^Request ID: (?P<id>.*)$", re.M)
 SUMMARY_READ_BYTES = 4096
+#: How much of an attempt's reply the log shows, after masking.
+REPLY_LOG_CHARS = 16_384
 SECONDS_PER_DAY = 86400.0
 
 
@@ -51,6 +53,10 @@ class AttemptRecord:
     delay_before_next: float | None = None
     error: str = ""
     recategorization: str = ""
+    #: What the upstream sent for an attempt that was not delivered (its error body,
+    #: or a stream's events before the failure): the story of why it was retried.
+    reply: bytes = b""
+    note: str = ""
 
 
 @dataclass
@@ -74,6 +80,10 @@ class RequestRecord:
     stream: bool = False
     attempts: list[AttemptRecord] = field(default_factory=list)
     final_status: int | None = None
+    #: The HTTP status the client was sent, when it differs from ``final_status``
+    #: (a stream that had started with 200 and then failed).
+    client_status: int | None = None
+    outcome: str = ""
     response_headers: Headers | None = None
     response_body: bytes | None = None
     stream_text: dict[int, list[str]] = field(default_factory=dict)
@@ -193,6 +203,12 @@ def format_request_log(
         f"Start Time: {record.started_wall:.6f}",
         _summary_line(record),
     ]
+    if record.client_status is not None:
+        lines.append(
+            f"HTTP Status Sent: {record.client_status} (the reply had started before it failed)"
+        )
+    if record.outcome:
+        lines.append(f"Outcome: {redactor.text(record.outcome)}")
     if cfg.include_headers:
         lines += _section("REQUEST HEADERS:", _header_lines(record.headers, redactor))
     if cfg.include_request_data:
@@ -266,8 +282,15 @@ def _attempt_lines(attempt: AttemptRecord, redactor: Redactor) -> list[str]:
         lines.append(f"Recategorized: {redactor.text(attempt.recategorization)}")
     if attempt.error:
         lines.append(f"Error: {redactor.text(attempt.error)}")
+    if attempt.note:
+        lines.append(f"Note: {redactor.text(attempt.note)}")
     if attempt.delay_before_next is not None:
         lines.append(f"Delay Before Next Attempt: {attempt.delay_before_next:.2f} seconds")
+    if attempt.reply:
+        text = _body_text(attempt.reply, redactor)  # masked first, then cut
+        if len(text) > REPLY_LOG_CHARS:
+            text = f"{text[:REPLY_LOG_CHARS]}\n[... {len(text) - REPLY_LOG_CHARS} more characters]"
+        lines += ["Upstream Reply:", text]
     return lines
 
 
@@ -319,6 +342,7 @@ class RequestLog:
         size += len(record.response_body or b"")
         size += sum(len(piece) for parts in record.stream_text.values() for piece in parts)
         size += sum(map(len, record.stream_data))
+        size += sum(len(attempt.reply) for attempt in record.attempts)
         self._writer.submit_call(lambda: self._write(record), size)
 
     def entries(self, limit: int) -> list[RequestEntry]:

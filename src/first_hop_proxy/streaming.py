@@ -18,6 +18,7 @@ from aiohttp import web
 
 from .attempts import attempt_until_decided
 from .decisions import Action, Outcome, decide
+from .dialects import disguised_error
 from .errors import error_body
 from .exchange import ChatRequest, Exchange, failure_body, failure_response, note_failure
 from .headers import client_headers
@@ -46,7 +47,14 @@ async def relay_stream(ex: Exchange, chat: ChatRequest) -> web.StreamResponse:
     max_attempts = state.policy.max_retries + 1
 
     def attempt() -> Awaitable[Reply]:
-        return open_stream(state.session, state.target_url, chat.body, chat.headers, timeout)
+        return open_stream(
+            state.session,
+            state.target_url,
+            chat.body,
+            chat.headers,
+            timeout,
+            state.policy.disguise_title,
+        )
 
     finder = asyncio.ensure_future(attempt_until_decided(ex, attempt))
     out: web.StreamResponse | None = None
@@ -79,6 +87,7 @@ async def relay_stream(ex: Exchange, chat: ChatRequest) -> web.StreamResponse:
         if out is None:
             return failure_response(ex, decision)
         note_failure(ex, decision)
+        ex.ended_status = decision.client_status
         await out.write(frame(failure_body(ex, decision)) + frame(DONE))
         await out.write_eof()
         return out
@@ -136,6 +145,8 @@ async def pump(ex: Exchange, out: web.StreamResponse, reply: Reply) -> None:
     record = ex.record
     record.first_content = time.monotonic() - record.started_mono
     interrupted: bytes | None = None
+    # A community proxy's error after content: a chunk whose finish_reason is its title.
+    disguises = state.policy.disguise_title is not None
 
     async def emit(chunks: list[dict[str, Any]]) -> None:
         """Send chunks the reply rules produced (and keep their text for the log)."""
@@ -147,7 +158,7 @@ async def pump(ex: Exchange, out: web.StreamResponse, reply: Reply) -> None:
     try:
         async for event in upstream_events(reply):
             record.stream_events += 1
-            if b'"error"' in event:
+            if b'"error"' in event or (disguises and b"roxy " in event):
                 interrupted = error_after_content(ex, event)
                 if interrupted is not None:
                     break
@@ -180,6 +191,7 @@ async def pump(ex: Exchange, out: web.StreamResponse, reply: Reply) -> None:
             f"The reply was cut off: {message} The text above is incomplete; regenerate to retry."
         )
         ex.outcome_note = f"stream failed after content: {kind}"
+        ex.ended_status = 504 if kind == "timeout" else 502
         record.error = message
         ex.error_event(kind, "StreamInterrupted", message, context={"after_content": True})
         error_type = "timeout" if kind == "timeout" else "connection_error"
@@ -192,15 +204,24 @@ async def pump(ex: Exchange, out: web.StreamResponse, reply: Reply) -> None:
 
 
 def error_after_content(ex: Exchange, event: bytes) -> bytes | None:
-    """The client's error event for an upstream ``{"error": ...}`` event after content.
+    """The client's error event for an upstream error event after content.
 
-    None when ``event`` is not an error event. Nothing can be retried once text
-    has reached the client: the decision core only supplies the upstream's own
-    message, or the hard-stop reply when a hard-stop rule matches.
+    An error event is ``{"error": ...}``, or a chunk whose ``finish_reason`` is a
+    community proxy's error title (:mod:`dialects`): its text is an error, not
+    more of the reply. None when ``event`` is neither. Nothing can be retried
+    once text has reached the client: the decision core only supplies the
+    upstream's own message and status, or the hard-stop reply when a hard-stop
+    rule matches.
     """
     data = event_data(event)
     payload = parse_event(data)
-    if payload is None or not payload.get("error") or payload.get("choices"):
+    if payload is None:
+        return None
+    is_error = bool(payload.get("error")) and not payload.get("choices")
+    title = ex.state.policy.disguise_title
+    if not is_error and (
+        title is None or disguised_error(payload, title=title, anywhere=False) is None
+    ):
         return None
     text = (data or b"").decode("utf-8", "replace")
     decision = decide(
@@ -209,14 +230,16 @@ def error_after_content(ex: Exchange, event: bytes) -> bytes | None:
         ex.state.policy,
         now=time.time(),
     )
-    ex.outcome_note = "stream failed after content: error event"
+    ex.outcome_note = "stream ended with an error event after content"
+    ex.ended_status = decision.status
     ex.record.error = decision.upstream_message or decision.reason
     ex.error_event(
         "stream_error_event",
         "StreamInterrupted",
         ex.record.error,
+        status_code=decision.status,
         response_text=text,
-        context={"after_content": True, "decision": decision.action.value},
+        context={"after_content": True, "outcome": "stream ended with an error event"},
     )
     if decision.action is Action.HARD_STOP:
         return failure_body(ex, decision)

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .dialects import Title, disguised_error
 from .sse import EventSplitter, event_data, parse_event
 
 EMPTY_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
@@ -40,6 +41,11 @@ class Reply:
     judged: int | None = None  # events up to the first content: what the decision sees
     error_event: bytes | None = None
     finish_reason: str | None = None
+    # Comments before the first content (a community proxy's queue heartbeats, up to
+    # 1 MB each): counted, not kept; the stream is alive while they come.
+    comments: int = 0
+    comment_bytes: int = 0
+    first_comment: str = ""
 
     def close(self) -> None:
         """Drop the upstream connection (a stream we stop reading must not linger)."""
@@ -149,6 +155,7 @@ async def open_stream(
     body: bytes,
     headers: Mapping[str, str],
     timeout: float,
+    disguise: Title | None = None,
 ) -> Reply:
     """A streaming attempt, read up to its first content.
 
@@ -169,12 +176,12 @@ async def open_stream(
             return reply
         splitter = EventSplitter()
         async for chunk in resp.content.iter_any():
-            if _scan(reply, splitter.feed(chunk)):
+            if _scan(reply, splitter.feed(chunk), disguise):
                 break
         else:
             rest = splitter.flush()
             if rest is not None:
-                _scan(reply, iter((rest,)))
+                _scan(reply, iter((rest,)), disguise)
             resp.release()
             return reply
     except TRANSPORT_ERRORS as exc:
@@ -191,18 +198,37 @@ async def open_stream(
     return reply
 
 
-def _scan(reply: Reply, events: Any) -> bool:
-    """Buffer events; True once the first content (or an error event) is among them."""
+def _scan(reply: Reply, events: Any, disguise: Title | None = None) -> bool:
+    """Buffer events; True once the first content (or an error event) is among them.
+
+    Comments before the first content are counted but not kept: a queued
+    stream can carry megabytes of heartbeats, and the client gets the proxy's
+    own keep-alives meanwhile. A first "content" that is an error in disguise
+    (:mod:`dialects`) is an error event.
+    """
     for event in events:
-        reply.events.append(event)
         if reply.first_content:
+            reply.events.append(event)
             continue
+        if event.startswith(b":") and b"\ndata:" not in event:
+            reply.comments += 1
+            reply.comment_bytes += len(event)
+            if not reply.first_comment:
+                reply.first_comment = event[1:80].decode("utf-8", "replace").strip()
+            continue
+        reply.events.append(event)
         data = event_data(event)
         payload = parse_event(data)
         if payload is None:
             continue
         content, error, finish = inspect_chunk(payload)
         reply.finish_reason = finish or reply.finish_reason
+        if (
+            (content or finish)
+            and disguise is not None
+            and disguised_error(payload, reply.headers, title=disguise) is not None
+        ):
+            content, error = False, True
         if error:
             reply.error_event = data
             return True
