@@ -7,7 +7,12 @@ from email.utils import format_datetime
 
 import pytest
 
-from first_hop_proxy.backoff import delay_for, parse_retry_after, retry_after_from_headers
+from first_hop_proxy.backoff import (
+    delay_for,
+    most_attempts,
+    parse_retry_after,
+    retry_after_from_headers,
+)
 
 NOW = 1_700_000_000.0
 
@@ -92,3 +97,21 @@ def test_retry_after_from_headers(
         assert result is None
     else:
         assert result == pytest.approx(expected, abs=1.0)
+
+
+@pytest.mark.parametrize(
+    ("max_retries", "base", "cap", "budget", "expected"),
+    [
+        pytest.param(10, 1.0, 60.0, None, 11, id="no-budget"),
+        # shortest waits 0.75, 1.5, 3, 6, 12, 24 (47.25 s), then 48: 95.25 s > 60
+        pytest.param(10, 1.0, 60.0, 60.0, 7, id="defaults"),
+        pytest.param(3, 1.0, 60.0, 60.0, 4, id="retries-run-out-first"),
+        pytest.param(10, 0.01, 0.05, 60.0, 11, id="tiny-delays"),
+        pytest.param(10, 100.0, 100.0, 60.0, 1, id="no-retry-fits"),
+        pytest.param(0, 1.0, 60.0, 60.0, 1, id="no-retries"),
+    ],
+)
+def test_most_attempts(
+    max_retries: int, base: float, cap: float, budget: float | None, expected: int
+) -> None:
+    assert most_attempts(max_retries, base, cap, budget) == expected

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from first_hop_proxy.breaker import CircuitBreaker, Permit, State, Transition
+from first_hop_proxy.breaker import RETRY, CircuitBreaker, Permit, State, Transition
 from first_hop_proxy.config import CircuitBreaker as CircuitBreakerConfig
 
 
@@ -214,29 +214,30 @@ def test_disabled_always_allows() -> None:
     assert breaker.record_success(11.0) is None
 
 
-@pytest.mark.parametrize(
-    ("now", "budget", "expected"),
-    [
-        pytest.param(100.0, None, 60.0, id="no-limit-waits"),
-        pytest.param(100.0, 90.0, 60.0, id="budget-covers-the-wait"),
-        pytest.param(100.0, 60.0, 60.0, id="budget-exactly-enough"),
-        pytest.param(100.0, 30.0, None, id="budget-too-short-fails"),
-        pytest.param(150.0, 10.0, 10.0, id="later-wait-fits"),
-        pytest.param(100.0, 0.0, None, id="no-budget-fails"),
-        pytest.param(170.0, 0.0, 0.0, id="probe-due-goes-now"),
-    ],
-)
-def test_wait_or_fail(now: float, budget: float | None, expected: float | None) -> None:
+def test_retries_are_never_refused_and_a_retry_that_succeeds_closes() -> None:
+    """A request the breaker admitted keeps its retry budget: the breaker protects the
+    next requests, not the one whose failures opened it."""
+    breaker = CircuitBreaker(threshold=2, recovery_timeout=60)
+    first = breaker.acquire(0.0)
+    assert first
+    breaker.record_failure(0.0, first, "503 Service Unavailable")
+    moved = breaker.record_failure(1.0, RETRY, "503 Service Unavailable: busy")
+    assert moved is not None and moved.new is State.OPEN
+    assert not breaker.acquire(2.0)  # the next request is refused
+    assert breaker.record_failure(3.0, RETRY, "still busy") is None  # counts nothing more
+    assert breaker.state is State.OPEN and breaker.consecutive_failures == 2
+    assert breaker.last_failure == "still busy"
+    closed = breaker.record_success(4.0, RETRY)
+    assert closed == Transition(State.OPEN, State.CLOSED, "a retry succeeded")
+    assert breaker.acquire(5.0)
+
+
+def test_a_retry_is_no_probe() -> None:
     breaker = tripped()
-    result = breaker.wait_or_fail(now, budget)
-    if expected is None:
-        assert result is None
-    else:
-        assert result == pytest.approx(expected)
-
-
-def test_wait_or_fail_when_closed_is_zero() -> None:
-    assert CircuitBreaker().wait_or_fail(0.0, 0.0) == 0.0
+    probe = breaker.acquire(170.0)
+    assert probe.probe
+    assert breaker.record_failure(171.0, RETRY) is None
+    assert breaker.state is State.HALF_OPEN and breaker.probes_in_flight == 1
 
 
 def test_snapshot() -> None:
@@ -252,6 +253,7 @@ def test_snapshot() -> None:
         "probes_in_flight": 0,
         "opened_at": 100.0,
         "next_probe_at": 160.0,
+        "last_failure": None,
         "retry_in": 30.0,
     }
     assert "retry_in" not in breaker.snapshot()

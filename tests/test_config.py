@@ -198,7 +198,7 @@ def test_circuit_breaker_defaults() -> None:
     breaker = parse({}).config.circuit_breaker
     assert breaker.enabled is True
     assert breaker.failure_threshold == 5
-    assert breaker.recovery_timeout == 60
+    assert breaker.recovery_timeout == 30
     assert breaker.half_open_max_requests == 1
     custom = parse({"circuit_breaker": {"enabled": False, "failure_threshold": 2}}).config
     assert custom.circuit_breaker.failure_threshold == 2 and not custom.circuit_breaker.enabled
@@ -607,3 +607,35 @@ def test_relative_config_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 def test_absolute_folders_stay(tmp_path: Path) -> None:
     config = parse({"logging": {"folder": str(tmp_path / "abs")}}).config
     assert config.logging.folder == str(tmp_path / "abs")
+
+
+@pytest.mark.parametrize(
+    ("settings", "start"),
+    [
+        pytest.param(
+            {"error_handling": {"max_total_seconds": 30}, "target_proxy": {"timeout": 30}},
+            "error_handling.max_total_seconds: 30 s is not more than target_proxy.timeout",
+            id="budget-below-timeout",
+        ),
+        pytest.param(
+            {"error_handling": {"base_delay": 90, "max_delay": 120}},
+            "error_handling.base_delay: 90 s leaves no retry room",
+            id="no-retry-fits",
+        ),
+        pytest.param(
+            {"error_handling": {"exhausted_429_status": 429}},
+            "error_handling.exhausted_429_status: 429 makes SillyTavern retry",
+            id="429-retried-by-sillytavern",
+        ),
+    ],
+)
+def test_combinations_that_cannot_work_are_warned(settings: dict[str, Any], start: str) -> None:
+    warnings = parse(settings).warnings
+    assert any(w.startswith(start) for w in warnings), warnings
+
+
+def test_default_budget_and_breaker_agree() -> None:
+    config = parse({}).config
+    assert config.error_handling.max_total_seconds == 60
+    assert parse({}).warnings == []
+    assert parse({"error_handling": {"max_total_seconds": None}}).warnings == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
@@ -46,6 +47,7 @@ def make_policy(
         "max_delay": 60,
         "conditional_retry_max_attempts": 2,
         "conditional_retry_delay_multiplier": 0.5,
+        "max_total_seconds": None,
         "hard_stop_conditions": {
             "rules": [{"pattern": "FATAL-[0-9]+", "user_message": "Stop!", "description": "fatal"}]
         },
@@ -1535,11 +1537,12 @@ def test_error_body_rate_limited_with_retry_after() -> None:
             id="empty",
         ),
         pytest.param(
-            circuit_open(42.2, 5),
+            circuit_open(42.2, 5, "503 Service Unavailable: overloaded"),
             0,
             0.0,
-            "The upstream failed 5 times in a row, so the proxy is giving it time to recover "
-            "before sending more requests. Try again in 43 s.",
+            "The upstream failed 5 times in a row, so the proxy is giving it time to recover: "
+            "it sends the next request to it in 43 s. Try again in 43 s. The last error: "
+            "503 Service Unavailable: overloaded",
             "circuit_open",
             "circuit_open",
             id="circuit-open",
@@ -1552,6 +1555,16 @@ def test_error_body_messages(
     error = error_body(decision, attempts, elapsed)["error"]
     assert error["message"] == message
     assert (error["type"], error["code"], error["attempts"]) == (error_type, code, attempts)
+
+
+def test_failure_summary() -> None:
+    from first_hop_proxy.decisions import failure_summary
+
+    http = run(Outcome(503, body=error_json("Service Unavailable")))
+    assert failure_summary(http) == "503 Service Unavailable: Service Unavailable"
+    hung = run(Outcome(transport_error="timeout", transport_message="The upstream hung."))
+    assert failure_summary(hung) == "no answer in time: The upstream hung."
+    assert "The upstream hung." not in hung.reason  # said once, in upstream_message
 
 
 def test_circuit_open_decision() -> None:
@@ -1763,7 +1776,12 @@ def test_spec_config_code_lists(
 
 
 def test_spec_config_budgets(spec_policy: Policy) -> None:
+    # The default time budget (60 s) ends the backoff 1+2+4+8+16 s before the 32 s wait.
     decisions, _ = play([Outcome(503)], spec_policy)
+    assert len(decisions) == 6
+    assert decisions[-1].gave_up == "time_budget"
+    unlimited = replace(spec_policy, max_total_seconds=None)
+    decisions, _ = play([Outcome(503)], unlimited)
     assert len(decisions) == 11
     decisions, _ = play([Outcome(404)], spec_policy)
     assert len(decisions) == 3

@@ -287,9 +287,9 @@ async def test_keepalive_comments_on_schedule_then_content(
     comments = comments_of(body)
     assert 2 <= len(comments) <= 4, body
     for line in comments[1:]:
-        assert line.startswith(": retrying, attempt ") and " of 11" in line, line
-    assert comments[0] == ": waiting for the first token, attempt 1 of 11"
-    assert comments[1] == ": retrying, attempt 2 of 11, last error 503 (busy)"
+        assert line.startswith(": retrying, attempt ") and " of at most 11" in line, line
+    assert comments[0] == ": waiting for the first token, attempt 1 of at most 11"
+    assert comments[1] == ": retrying, attempt 2 of at most 11, last error 503 (busy)"
     # Every comment about 0.2 s after the last, the content after them.
     times = [t for t, data in reads if data.startswith(b":")]
     assert 0.17 <= times[0] <= 0.35, times
@@ -319,7 +319,7 @@ async def test_keepalive_count_never_exceeds_its_total(
     assert status == 200
     numbers = []
     for line in comments_of(body):
-        n, total = line.split("attempt ")[1].split(",")[0].split(" of ")
+        n, total = line.split("attempt ")[1].split(",")[0].split(" of at most ")
         assert int(n) <= int(total), line
         numbers.append(int(n))
     assert numbers[-1] == 4

@@ -13,7 +13,8 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 
-from .decisions import Action, Decision, Outcome, circuit_open, decide
+from .breaker import RETRY
+from .decisions import Action, Decision, Outcome, circuit_open, decide, failure_summary
 from .exchange import Exchange
 from .request_log import AttemptRecord
 from .upstream import Reply
@@ -46,31 +47,21 @@ async def attempt_until_decided(ex: Exchange, attempt: Attempt) -> tuple[Decisio
     """Attempt, ask the decision core, and retry while it says so.
 
     Returns the final decision (DELIVER, FAIL or HARD_STOP) and the reply it is
-    about. The circuit breaker is asked before every attempt and told the
-    result of each.
+    about. The circuit breaker admits the request (or refuses it at once) and
+    is told the result of every attempt; the request's own retries are never
+    refused by it (:data:`breaker.RETRY`): the breaker protects the next requests.
     """
     state = ex.state
     breaker, policy = state.breaker, state.policy
+    permit = breaker.acquire(time.monotonic())
+    state.breaker_moved(permit.transition)
+    if not permit:
+        decision = circuit_open(
+            breaker.retry_in(time.monotonic()), breaker.consecutive_failures, breaker.last_failure
+        )
+        ex.error_event("circuit_open", "CircuitOpen", decision.reason, status_code=503)
+        return decision, None
     while True:
-        permit = breaker.acquire(time.monotonic())
-        state.breaker_moved(permit.transition)
-        if not permit:
-            wait = None
-            if ex.history.attempts > 1 or ex.record.attempts:
-                budget = policy.max_delay
-                if policy.max_total_seconds is not None:
-                    budget = min(budget, policy.max_total_seconds - ex.elapsed())
-                wait = breaker.wait_or_fail(time.monotonic(), budget)
-            if wait is None:
-                decision = circuit_open(
-                    breaker.retry_in(time.monotonic()),
-                    breaker.consecutive_failures,
-                    ex.last_problem,
-                )
-                ex.error_event("circuit_open", "CircuitOpen", decision.reason, status_code=503)
-                return decision, None
-            await asyncio.sleep(max(wait, 0.01))
-            continue
         began = time.monotonic()
         ex.calls += 1
         try:
@@ -88,12 +79,13 @@ async def attempt_until_decided(ex: Exchange, attempt: Attempt) -> tuple[Decisio
         )
         now = time.monotonic()
         if decision.counts_as_failure:
-            state.breaker_moved(breaker.record_failure(now, permit))
+            state.breaker_moved(breaker.record_failure(now, permit, failure_summary(decision)))
         else:
             state.breaker_moved(breaker.record_success(now, permit))
         note_attempt(ex, reply, decision, duration)
         if decision.action is not Action.RETRY:
             return decision, reply
+        permit = RETRY
         reply.close()
         state.counters.retries += 1
         ex.history = ex.history.after(decision)

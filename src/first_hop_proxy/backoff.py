@@ -32,6 +32,22 @@ def delay_for(retry_number: int, base: float, cap: float, jitter: float) -> floa
     return max(0.0, min(raw, cap))
 
 
+def most_attempts(max_retries: int, base: float, cap: float, budget: float | None) -> int:
+    """How many attempts a failing request can make at most: ``max_retries`` + 1, or
+    fewer when the shortest backoff waits (jitter at its lowest) outgrow ``budget``.
+
+    For the keep-alive comments: "attempt 3 of 7" must count attempts that can happen.
+    """
+    if budget is None:
+        return max_retries + 1
+    waited = 0.0
+    for n in range(1, max_retries + 1):
+        waited += delay_for(n, base, cap, 0.0)
+        if waited > budget:
+            return n
+    return max_retries + 1
+
+
 def _number(text: str) -> float | None:
     """``text`` as a finite number, or None."""
     try:

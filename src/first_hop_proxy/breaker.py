@@ -10,6 +10,12 @@ No clock is read here: every method takes ``now`` (any monotonic seconds), so
 tests drive it without sleeping. Every state change is returned to the caller
 as a :class:`Transition` so it can be logged; nothing is kept in a list.
 
+The breaker protects the *next* requests, not the one running: a request it
+admitted keeps its whole retry budget (its retries carry :data:`RETRY`, which
+the breaker never refuses), so a request is never stalled on, or cut short by,
+a breaker its own failures opened. A retry that succeeds closes the breaker:
+the upstream answered.
+
 Contract for the caller: every attempt that :meth:`CircuitBreaker.acquire`
 allowed ends with exactly one of :meth:`~CircuitBreaker.record_success`,
 :meth:`~CircuitBreaker.record_failure` or :meth:`~CircuitBreaker.release`,
@@ -53,7 +59,8 @@ class Permit:
     whether the circuit closes or reopens. ``retry_in`` is how long a refused
     caller should wait before asking again. ``transition`` is set when asking
     moved the breaker (OPEN -> HALF_OPEN). ``generation`` tells a probe of the
-    current half-open period from a late one of an earlier period.
+    current half-open period from a late one of an earlier period. ``retry``
+    marks a retry of a request the breaker already admitted.
     """
 
     allowed: bool
@@ -61,12 +68,15 @@ class Permit:
     retry_in: float = 0.0
     transition: Transition | None = None
     generation: int = 0
+    retry: bool = False
 
     def __bool__(self) -> bool:
         return self.allowed
 
 
 _ALLOWED = Permit(True)
+#: The permit of a retry: a request the breaker admitted is never refused later.
+RETRY = Permit(True, retry=True)
 
 
 class CircuitBreaker:
@@ -76,6 +86,7 @@ class CircuitBreaker:
         "_failures",
         "_generation",
         "_in_flight",
+        "_last_failure",
         "_opened_at",
         "_probe_window_start",
         "_state",
@@ -109,6 +120,7 @@ class CircuitBreaker:
         self._in_flight = 0
         self._probe_window_start = 0.0
         self._generation = 0
+        self._last_failure = ""
 
     @classmethod
     def from_config(cls, config: CircuitBreakerConfig) -> CircuitBreaker:
@@ -133,6 +145,11 @@ class CircuitBreaker:
         return self._failures
 
     @property
+    def last_failure(self) -> str:
+        """What the last failed attempt was (as the caller described it), for the person."""
+        return self._last_failure
+
+    @property
     def probes_in_flight(self) -> int:
         return self._in_flight
 
@@ -154,19 +171,6 @@ class CircuitBreaker:
             return 0.0
         return max(self._probe_window_start + self.recovery_timeout - now, 0.0)
 
-    def wait_or_fail(self, now: float, budget: float | None) -> float | None:
-        """For a request that wants to retry while the breaker refuses it.
-
-        ``budget`` is how long this request may still wait (what is left of
-        ``max_total_seconds``, or the backoff delay it was about to sleep
-        anyway); ``None`` means no limit. Returns the seconds to wait for the
-        next probe slot, or ``None``: fail now with ``circuit_open``.
-        """
-        wait = self.retry_in(now)
-        if budget is None or wait <= budget:
-            return wait
-        return None
-
     def snapshot(self, now: float | None = None) -> dict[str, Any]:
         """The breaker's state for ``/health/detailed``."""
         data: dict[str, Any] = {
@@ -179,6 +183,7 @@ class CircuitBreaker:
             "probes_in_flight": self._in_flight,
             "opened_at": self._opened_at if self._state is not State.CLOSED else None,
             "next_probe_at": self.next_probe_at,
+            "last_failure": self._last_failure or None,
         }
         if now is not None:
             data["retry_in"] = round(self.retry_in(now), 3)
@@ -216,24 +221,30 @@ class CircuitBreaker:
 
     def record_success(self, now: float, permit: Permit | None = None) -> Transition | None:
         """An attempt got an answer from the upstream: resets the failure count;
-        a successful probe closes the circuit."""
+        a successful probe, or retry, closes the circuit."""
         if not self.enabled:
             return None
         if self._state is State.CLOSED:
             self._failures = 0
             return None
-        if self._state is State.HALF_OPEN and self._is_probe(permit):
+        retried = permit is not None and permit.retry
+        if retried or (self._state is State.HALF_OPEN and self._is_probe(permit)):
             self._failures = 0
             self._in_flight = 0
             self._opened_at = None
-            return self._move(State.CLOSED, "probe succeeded")
+            return self._move(State.CLOSED, "a retry succeeded" if retried else "probe succeeded")
         # OPEN, or a result from before the circuit opened: stale, ignored.
         return None
 
-    def record_failure(self, now: float, permit: Permit | None = None) -> Transition | None:
-        """An attempt failed: counts towards opening; a failed probe reopens."""
+    def record_failure(
+        self, now: float, permit: Permit | None = None, reason: str = ""
+    ) -> Transition | None:
+        """An attempt failed (``reason``: how, for the person): counts towards opening;
+        a failed probe reopens. A retry's failure while open changes nothing."""
         if not self.enabled:
             return None
+        if reason:
+            self._last_failure = reason
         if self._state is State.CLOSED:
             self._failures += 1
             if self._failures >= self.threshold:
@@ -260,6 +271,8 @@ class CircuitBreaker:
             self._in_flight -= 1
 
     def _is_probe(self, permit: Permit | None) -> bool:
+        if permit is not None and permit.retry:
+            return False
         # Without a permit the caller has opted out of tracking: in HALF_OPEN
         # only probes go out, so take the result as a probe's.
         if permit is None:

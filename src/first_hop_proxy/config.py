@@ -241,7 +241,7 @@ class ErrorHandling(Section):
     conditional_retry_enabled: bool = True
     conditional_retry_max_attempts: Annotated[int, Field(ge=0)] = 2
     conditional_retry_delay_multiplier: NonNegative = 0.5
-    max_total_seconds: Positive | None = None
+    max_total_seconds: Positive | None = 60
     exhausted_429_status: StatusCode = 503
     stream_keepalive_seconds: Positive = 10
     hard_stop_conditions: HardStopConditions = Field(default_factory=HardStopConditions)
@@ -251,7 +251,7 @@ class ErrorHandling(Section):
 class CircuitBreaker(Section):
     enabled: bool = True
     failure_threshold: Annotated[int, Field(ge=1)] = 5
-    recovery_timeout: NonNegative = 60
+    recovery_timeout: NonNegative = 30
     half_open_max_requests: Annotated[int, Field(ge=1)] = 1
 
 
@@ -580,6 +580,24 @@ def _semantic_warnings(config: Config) -> list[str]:
                     "so it rewrites between every character of every text; escape special "
                     "characters (e.g. '\\\\|' for a literal pipe)"
                 )
+    budget = eh.max_total_seconds
+    if budget is not None and budget <= config.target_proxy.timeout:
+        warnings.append(
+            f"error_handling.max_total_seconds: {budget:g} s is not more than "
+            f"target_proxy.timeout ({config.target_proxy.timeout:g} s): an upstream that hangs "
+            "uses the whole time budget in one attempt and is never retried; raise "
+            "max_total_seconds or lower target_proxy.timeout"
+        )
+    if budget is not None and eh.max_retries and eh.base_delay >= budget:
+        warnings.append(
+            f"error_handling.base_delay: {eh.base_delay:g} s leaves no retry room within "
+            f"max_total_seconds ({budget:g} s): every request fails after one attempt"
+        )
+    if eh.exhausted_429_status == 429:
+        warnings.append(
+            "error_handling.exhausted_429_status: 429 makes SillyTavern retry a request the "
+            "proxy already gave up on 5 more times by itself (about 155 s); 503 ends it"
+        )
     if eh.base_delay > eh.max_delay:
         warnings.append(
             f"error_handling.base_delay: {eh.base_delay} is above max_delay "

@@ -777,9 +777,8 @@ class _Judge:
         kind = o.transport_error or "connection_error"
         error_type: ErrorType = "timeout" if kind == "timeout" else "connection_error"
         status = 504 if kind == "timeout" else 502
+        # The transport's own sentence travels as upstream_message: said once, not twice.
         what = kind.replace("_", " ")
-        if o.transport_message:
-            what = f"{what} ({_trim(o.transport_message)})"
         decision = self.retry(
             status, error_type, "retry", self.history.retries, p.max_retries, what, failure=True
         )
@@ -879,6 +878,18 @@ def circuit_open(retry_in: float, failures: int, last_message: str = "") -> Deci
     )
 
 
+def failure_summary(d: Decision) -> str:
+    """A failed attempt in one line (``503 Service Unavailable: <what it said>``): the
+    circuit breaker keeps the last one, to tell the next person why it opened."""
+    if d.error_type in ("timeout", "connection_error") and (
+        d.upstream_status is None or 200 <= d.upstream_status < 300
+    ):
+        head = "no answer in time" if d.error_type == "timeout" else "no complete answer"
+    else:
+        head = _status_text(d.status)
+    return f"{head}: {d.upstream_message}" if d.upstream_message else head
+
+
 # -- the client's error reply -----------------------------------------------
 
 
@@ -945,9 +956,10 @@ def error_body(decision: Decision, attempts: int, elapsed: float) -> dict[str, A
     code: str
     if d.error_type == "circuit_open":
         code = "circuit_open"
+        wait = _seconds(d.retry_after or 0)
         message = (
             f"The upstream failed {d.count} times in a row, so the proxy is giving it time to "
-            f"recover before sending more requests. Try again in {_seconds(d.retry_after or 0)}."
+            f"recover: it sends the next request to it in {wait}. Try again in {wait}."
         )
     elif d.error_type == "empty_response":
         code = "empty_response"
@@ -985,6 +997,8 @@ def error_body(decision: Decision, attempts: int, elapsed: float) -> dict[str, A
             message = f"The upstream answered {seen}{after}."
     if d.upstream_message:
         label = "Details" if d.error_type in ("timeout", "connection_error") else "Upstream said"
+        if d.error_type == "circuit_open":
+            label = "The last error"
         message = f"{message} {label}: {d.upstream_message}"
     error = {
         "message": message,

@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 
 from .attempts import attempt_until_decided
+from .backoff import most_attempts
 from .decisions import Action, Outcome, decide
 from .dialects import disguised_error
 from .errors import error_body
@@ -44,7 +45,10 @@ async def relay_stream(ex: Exchange, chat: ChatRequest) -> web.StreamResponse:
     state = ex.state
     timeout = state.config.target_proxy.timeout
     interval = state.config.error_handling.stream_keepalive_seconds
-    max_attempts = state.policy.max_retries + 1
+    policy = state.policy
+    max_attempts = most_attempts(
+        policy.max_retries, policy.base_delay, policy.max_delay, policy.max_total_seconds
+    )
 
     def attempt() -> Awaitable[Reply]:
         return open_stream(
@@ -74,7 +78,9 @@ async def relay_stream(ex: Exchange, chat: ChatRequest) -> web.StreamResponse:
             n = ex.history.attempts
             # Empty and conditional retries have budgets of their own: never "5 of 3".
             doing = "retrying" if ex.last_code else "waiting for the first token"
-            await out.write(comment(f"{doing}, attempt {n} of {max(max_attempts, n)}{last}"))
+            await out.write(
+                comment(f"{doing}, attempt {n} of at most {max(max_attempts, n)}{last}")
+            )
         decision, reply = finder.result()
     finally:
         if not finder.done():
