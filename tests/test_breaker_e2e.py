@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -352,3 +353,40 @@ async def test_every_state_change_is_logged(
     text = "\n".join(f.read_text() for f in files)
     for move in expected:
         assert f"circuit {move}" in text, move
+    # Times in the files are wall-clock ISO timestamps, not monotonic seconds.
+    from datetime import datetime
+
+    opened = re.findall(r'"opened_at": "([^"]+)"', text)
+    assert opened, text
+    assert all(abs(datetime.fromisoformat(t).timestamp() - time.time()) < 60 for t in opened)
+
+
+async def test_health_says_what_is_true(
+    start_proxy: StartProxy, upstream: FakeUpstream, client: aiohttp.ClientSession
+) -> None:
+    """unknown before the upstream was reached, ok once it answered, degraded (with the
+    reason) while attempts fail or the breaker is open; times are ISO wall-clock."""
+    from datetime import datetime
+
+    proxy = await start_proxy(breaker_settings(threshold=2))
+
+    async def health() -> dict[str, Any]:
+        async with client.get(proxy.url + "/health/detailed") as resp:
+            return dict(await resp.json())
+
+    assert (await health())["status"] == "unknown"
+    await ask(client, proxy)
+    body = await health()
+    assert body["status"] == "ok", body["reason"]
+    upstream.default = Json(503, {"error": {"message": "Service Unavailable"}})
+    await ask(client, proxy)
+    body = await health()
+    assert body["status"] == "degraded"
+    assert "the last 1 attempt(s)" in body["reason"] and "503 Service Unavailable" in body["reason"]
+    await ask(client, proxy)
+    body = await health()
+    assert body["status"] == "degraded" and "circuit breaker is open" in body["reason"]
+    opened = datetime.fromisoformat(body["circuit_breaker"]["opened_at"])
+    assert opened.tzinfo is not None
+    assert abs(opened.timestamp() - time.time()) < 5
+    assert datetime.fromisoformat(body["circuit_breaker"]["next_probe_at"]) > opened

@@ -72,11 +72,11 @@ class TestErrors:
         resp = await logs.client.get("/logs/errors")
         assert resp.status == 200
         data = await resp.json()
-        assert data["total_errors"] == 2
-        assert data["counts_by_code"] == {"503": 1, "timeout": 1}
-        assert data["counts_by_type"] == {"HTTPResponse": 1, "TimeoutError": 1}
-        assert data["total_files"] == 2
-        assert data["total_size_bytes"] == sum(
+        assert data["since_start"]["errors"] == 2
+        assert data["since_start"]["by_code"] == {"503": 1, "timeout": 1}
+        assert data["since_start"]["by_type"] == {"HTTPResponse": 1, "TimeoutError": 1}
+        assert data["on_disk"]["files"] == 2
+        assert data["on_disk"]["size_bytes"] == sum(
             p.stat().st_size for p in (logs.folder / "errors").iterdir()
         )
         assert {f["code"] for f in data["files"]} == {"503", "timeout"}
@@ -85,7 +85,7 @@ class TestErrors:
     async def test_limit(self, logs: Logs) -> None:
         await fill(logs)
         data = await (await logs.client.get("/logs/errors?limit=1")).json()
-        assert len(data["files"]) == 1 and data["total_files"] == 2
+        assert len(data["files"]) == 1 and data["on_disk"]["files"] == 2
 
     @pytest.mark.parametrize("limit", ["abc", "0", "-3", "1.5", ""])
     async def test_bad_limit(self, logs: Logs, limit: str) -> None:
@@ -158,7 +158,7 @@ class TestTraversal:
             body = await resp.read()
             assert b"root:" not in body and b"SECRET" not in body
         data = await (await logs.client.get("/logs/errors")).json()
-        assert data["total_files"] == 2  # symlinks are not listed either
+        assert data["on_disk"]["files"] == 2  # symlinks are not listed either
 
     async def test_directory_refused(self, logs: Logs) -> None:
         (logs.folder / "errors" / "dir.log").mkdir(parents=True)

@@ -17,7 +17,7 @@ import pytest
 from first_hop_proxy.error_log import ErrorEvent
 from first_hop_proxy.server import RunningServer
 
-from .conftest import StartProxy, chat_body, free_port
+from .conftest import StartProxy, chat_body, free_port, wait_until
 from .fake_upstream import FakeUpstream, Hang, Json, Sse, chunk, completion
 from .log_helpers import (
     REQUEST_NAME,
@@ -706,3 +706,44 @@ async def test_rule_timeout_error_log(
     [path] = error_logs(errors, "rule_timeout")
     details = error_details(path.read_text())
     assert details["request_id"] == rid and details["error_type"] == "RuleTimeout"
+
+
+# -- what the logs say is true ------------------------------------------------------------
+
+
+async def test_no_delay_logged_that_was_not_taken(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    proxy = await start_proxy({"error_handling": {"base_delay": 2, "max_delay": 2}})
+    upstream.default = Json(503, {"error": {"message": "busy"}})
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.4)) as session:
+        with pytest.raises(asyncio.TimeoutError):
+            async with session.post(proxy.url + "/v1/chat/completions", json=chat_body()) as r:
+                await r.read()
+    await wait_until(lambda: request_logs(tmp_path / "logs"), 2)
+    await settle(proxy)
+    (log,) = request_logs(tmp_path / "logs").values()
+    text = log.read_text()
+    assert "UPSTREAM ATTEMPT #1" in text
+    assert "Delay Before Next Attempt" not in text  # the client left during the wait
+
+
+async def test_taken_delay_is_logged_and_messages_are_said_once(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    proxy = await start_proxy(
+        {"target_proxy": {"timeout": 0.2}, "error_handling": {"max_retries": 1}}
+    )
+    upstream.queue(Hang(), Json())
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(proxy.url + "/v1/chat/completions", json=chat_body()) as r,
+    ):
+        assert r.status == 200
+    await settle(proxy)
+    (log,) = request_logs(tmp_path / "logs").values()
+    text = log.read_text()
+    assert text.count("Delay Before Next Attempt") == 1
+    (error,) = error_logs(tmp_path / "logs" / "errors", "timeout")
+    message = error_details(error.read_text())["error_message"]
+    assert message.count("sent nothing for 0.2 s") == 1, message

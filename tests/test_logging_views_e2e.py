@@ -48,12 +48,15 @@ async def test_errors_summary(
     assert status == 200 and isinstance(body, dict)
     on_disk = error_logs(tmp_path / "logs" / "errors")
     assert body["enabled"] is True
-    assert body["total_errors"] == 2
-    assert body["counts_by_code"] == {"503": 1, "bad_request": 1}
-    assert sum(body["counts_by_type"].values()) == 2 and "BadRequest" in body["counts_by_type"]
-    assert body["total_files"] == 2
-    assert body["total_size_bytes"] == sum(p.stat().st_size for p in on_disk)
-    assert body["files_by_code"] == {"503": 1, "bad_request": 1}
+    assert body["since_start"]["errors"] == 2
+    assert body["since_start"]["by_code"] == {"503": 1, "bad_request": 1}
+    assert (
+        sum(body["since_start"]["by_type"].values()) == 2
+        and "BadRequest" in body["since_start"]["by_type"]
+    )
+    assert body["on_disk"]["files"] == 2
+    assert body["on_disk"]["size_bytes"] == sum(p.stat().st_size for p in on_disk)
+    assert body["on_disk"]["by_code"] == {"503": 1, "bad_request": 1}
     files = body["files"]
     assert {f["name"] for f in files} == {p.name for p in on_disk}
     assert [f["code"] for f in files] == ["bad_request", "503"]  # newest first
@@ -62,7 +65,7 @@ async def test_errors_summary(
         assert f["time"][:4].isdigit()
     status, limited = await get_json(client, proxy.url + "/logs/errors?limit=1")
     assert isinstance(limited, dict) and [f["code"] for f in limited["files"]] == ["bad_request"]
-    assert limited["total_files"] == 2
+    assert limited["on_disk"]["files"] == 2
     for bad in ("0", "-3", "many"):
         status, error = await get_json(client, proxy.url + f"/logs/errors?limit={bad}")
         assert status == 400 and isinstance(error, dict) and "limit" in error["error"]["message"]
@@ -189,7 +192,7 @@ async def test_symlinks_inside_the_folders_never_followed(
         assert resp.status == 404 and resp.content_type == "application/json"
         assert b"root:" not in await resp.read()
     status, summary = await get_json(client, proxy.url + "/logs/errors")
-    assert isinstance(summary, dict) and summary["total_files"] == 0
+    assert isinstance(summary, dict) and summary["on_disk"]["files"] == 0
     status, listing = await get_json(client, proxy.url + "/logs/requests")
     assert status == 200 and isinstance(listing, dict) and listing["requests"] == []
     assert PASSWD.is_file()  # never pruned or rotated through the link

@@ -45,22 +45,14 @@ def masked_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
-def breaker_status(state: State) -> dict[str, Any]:
-    """The breaker's snapshot, its times moved from the monotonic clock to Unix time."""
-    now_mono, now_wall = time.monotonic(), time.time()
-    snapshot = state.breaker.snapshot(now_mono)
-    for key in ("opened_at", "next_probe_at"):
-        if snapshot.get(key) is not None:
-            snapshot[key] = round(snapshot[key] - now_mono + now_wall, 3)
-    return snapshot
-
-
 async def health_detailed(request: web.Request) -> web.Response:
     state = request.app[STATE]
     config = state.config
     eh = config.error_handling
+    status, reason = state.health()
     body: dict[str, Any] = {
-        "status": "ok",
+        "status": status,
+        "reason": reason,
         "version": __version__,
         "uptime_seconds": round(time.monotonic() - state.started, 3),
         "demo_mode": state.loaded.demo,
@@ -76,7 +68,7 @@ async def health_detailed(request: web.Request) -> web.Response:
             "max_total_seconds": eh.max_total_seconds,
         },
         "counters": state.counters.snapshot(),
-        "circuit_breaker": breaker_status(state),
+        "circuit_breaker": state.breaker_status(),
         "logging": logging_status(state.writer, state.request_log, state.error_log),
     }
     return json_response(body)

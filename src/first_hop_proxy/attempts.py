@@ -82,6 +82,8 @@ async def attempt_until_decided(ex: Exchange, attempt: Attempt) -> tuple[Decisio
             state.breaker_moved(breaker.record_failure(now, permit, failure_summary(decision)))
         else:
             state.breaker_moved(breaker.record_success(now, permit))
+            if decision.counts_as_success:
+                state.last_answer = time.time()
         note_attempt(ex, reply, decision, duration)
         if decision.action is not Action.RETRY:
             return decision, reply

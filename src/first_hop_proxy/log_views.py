@@ -97,7 +97,9 @@ class LogViews:
         self.error_log = error_log
 
     async def errors(self, request: web.Request) -> web.Response:
-        """``GET /logs/errors``: counters since start-up plus the newest files on disk."""
+        """``GET /logs/errors``: what happened since start-up (counted in memory) and
+        what is on disk (the files kept after rotation), labelled as such, plus the
+        newest files."""
         limit = parse_limit(request)
         if isinstance(limit, web.Response):
             return limit
@@ -109,12 +111,16 @@ class LogViews:
         return json_response(
             {
                 "enabled": status["enabled"],
-                "total_errors": status["total"],
-                "counts_by_code": status["by_code"],
-                "counts_by_type": status["by_type"],
-                "total_files": len(files),
-                "total_size_bytes": sum(f.size for f in files),
-                "files_by_code": files_by_code,
+                "since_start": {
+                    "errors": status["total"],
+                    "by_code": status["by_code"],
+                    "by_type": status["by_type"],
+                },
+                "on_disk": {
+                    "files": len(files),
+                    "size_bytes": sum(f.size for f in files),
+                    "by_code": files_by_code,
+                },
                 "files": [f.as_dict() for f in reversed(files[-limit:])],
             }
         )

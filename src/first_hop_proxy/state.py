@@ -10,12 +10,14 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from .breaker import CircuitBreaker, Transition
+from .breaker import State as BreakerState
 from .config import Config, LoadedConfig
 from .decisions import Policy
 from .error_log import ErrorEvent, ErrorLog
@@ -66,6 +68,7 @@ class State:
     started: float = field(default_factory=time.monotonic)
     counters: Counters = field(default_factory=Counters)
     last_models: bytes | None = None  # the upstream's last good /models answer
+    last_answer: float | None = None  # wall time the upstream last answered (not failed)
     _session: aiohttp.ClientSession | None = None
 
     @classmethod
@@ -134,9 +137,44 @@ class State:
                 "CircuitBreaker",
                 str(transition),
                 url=self.redactor.url(self.target_url),
-                context=self.breaker.snapshot(time.monotonic()),
+                context=self.breaker_status(),
             )
         )
+
+    def breaker_status(self) -> dict[str, Any]:
+        """The breaker's snapshot, its times as wall-clock ISO timestamps a person can read."""
+        now_mono, now_wall = time.monotonic(), time.time()
+        snapshot = self.breaker.snapshot(now_mono)
+        for key in ("opened_at", "next_probe_at"):
+            if snapshot.get(key) is not None:
+                snapshot[key] = wall_clock(snapshot[key] - now_mono + now_wall)
+        return snapshot
+
+    def health(self) -> tuple[str, str]:
+        """``ok``, ``degraded`` or ``unknown``, and why, as ``/health/detailed`` says it.
+
+        ``ok`` only when the upstream's last attempt got an answer; ``degraded``
+        while the breaker is open (or probing) or the last attempts failed.
+        """
+        breaker = self.breaker
+        last = breaker.last_failure or "no details"
+        if breaker.state is BreakerState.OPEN:
+            wait = breaker.retry_in(time.monotonic())
+            return "degraded", (
+                f"the circuit breaker is open after {breaker.consecutive_failures} failed "
+                f"attempts in a row (the last: {last}); the upstream is tried again in "
+                f"{wait:.0f} s"
+            )
+        if breaker.state is BreakerState.HALF_OPEN:
+            return "degraded", f"probing the upstream after failures (the last: {last})"
+        if breaker.consecutive_failures:
+            return "degraded", (
+                f"the last {breaker.consecutive_failures} attempt(s) at the upstream failed "
+                f"(the last: {last})"
+            )
+        if self.last_answer is None:
+            return "unknown", "no request has reached the upstream yet"
+        return "ok", f"the upstream answered at {wall_clock(self.last_answer)}"
 
     def log_write_failure(self, message: str) -> None:
         self.error_log.log(ErrorEvent("log_write_error", "OSError", message))
@@ -155,6 +193,11 @@ class State:
                 headers=request.headers.copy(),
             )
         )
+
+
+def wall_clock(unix: float) -> str:
+    """A Unix time as an ISO timestamp in local time, with its UTC offset."""
+    return datetime.fromtimestamp(unix).astimezone().isoformat(timespec="milliseconds")
 
 
 STATE = web.AppKey("state", State)
