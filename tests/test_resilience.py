@@ -756,3 +756,41 @@ async def test_spec_config_status_lists(
     answer = await ask(client, proxy)
     assert upstream.calls == calls
     assert answer.status == status
+
+
+# -- the time budget ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_persisting_429_ends_within_the_time_budget(
+    start_proxy: StartProxy, upstream: FakeUpstream, client: aiohttp.ClientSession, stream: bool
+) -> None:
+    """The shipped backoff shape, scaled down 10x: the person hears within the budget."""
+    proxy = await start_proxy(
+        {"error_handling": {"base_delay": 0.1, "max_delay": 6, "max_total_seconds": 1.5}}
+    )
+    upstream.default = Json(429, {"error": {"message": "Rate limit reached"}})
+    began = time.monotonic()
+    answer = await ask(client, proxy, stream=stream)
+    took = time.monotonic() - began
+    assert took < 1.5, took
+    assert answer.status == 503
+    error = answer.error
+    assert error["code"] == "time_budget_exhausted"
+    assert "Rate limit reached" in error["message"]
+    assert upstream.calls >= 4
+
+
+async def test_a_silent_upstream_ends_within_about_the_budget(
+    start_proxy: StartProxy, upstream: FakeUpstream, client: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(
+        {"target_proxy": {"timeout": 0.3}, "error_handling": {"max_total_seconds": 0.5}}
+    )
+    upstream.default = Hang()
+    began = time.monotonic()
+    answer = await ask(client, proxy)
+    assert time.monotonic() - began < 1.2
+    assert answer.status == 504
+    assert "did not answer in time" in answer.error["message"]
+    assert upstream.calls == 2
