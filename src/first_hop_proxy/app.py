@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 from aiohttp import web
@@ -18,8 +17,8 @@ from .forwarding import chat_completions
 from .log_views import add_log_routes, logging_status
 from .middleware import add_response_headers, front_door
 from .model_list import list_models
-from .state import STATE, State
-from .upstream import host_of
+from .redact import masked_url
+from .state import STATE, State, breaker_status, upstream_status, wall_clock
 
 # SillyTavern uses the base URL as typed, so a trailing slash doubles the one before
 # the endpoint; these are served directly (no redirect: a redirected POST loses its body).
@@ -30,33 +29,25 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"}, dumps=lambda o: orjson.dumps(o).decode())
 
 
-def masked_url(url: str) -> str:
-    """The target URL without credentials or query values (keys often live there)."""
-
-    parts = urlsplit(url)
-    netloc = host_of(url)
-    if parts.username or parts.password:
-        netloc = "***@" + netloc
-    query = "&".join(
-        f"{pair.split('=', 1)[0]}=***" if "=" in pair else pair
-        for pair in parts.query.split("&")
-        if pair
-    )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
-
-
 async def health_detailed(request: web.Request) -> web.Response:
     state = request.app[STATE]
     config = state.config
     eh = config.error_handling
     status, reason = state.health()
+    settings = state.settings
+    first = settings.upstreams[0]
     body: dict[str, Any] = {
         "status": status,
-        "reason": reason,
+        "reason": state.redactor.text(reason),
         "version": __version__,
         "uptime_seconds": round(time.monotonic() - state.started, 3),
         "demo_mode": state.loaded.demo,
-        "target_url": masked_url(state.target_url),
+        "config": {
+            "file": str(settings.loaded.path) if settings.loaded.path else None,
+            "loaded_at": wall_clock(settings.loaded_at),
+            "warnings": [state.redactor.text(w) for w in settings.loaded.warnings],
+        },
+        "target_url": masked_url(first.url),
         "retry": {
             "max_retries": eh.max_retries,
             "base_delay": eh.base_delay,
@@ -68,7 +59,9 @@ async def health_detailed(request: web.Request) -> web.Response:
             "max_total_seconds": eh.max_total_seconds,
         },
         "counters": state.counters.snapshot(),
-        "circuit_breaker": state.breaker_status(),
+        "circuit_breaker": breaker_status(first),
+        "upstreams": [upstream_status(u, state.redactor) for u in settings.upstreams],
+        "routing": config.routing.model_dump(mode="json"),
         "logging": logging_status(state.writer, state.request_log, state.error_log),
     }
     return json_response(body)
@@ -85,7 +78,7 @@ def add_routes(app: web.Application) -> None:
 def create_app(loaded: LoadedConfig) -> web.Application:
     """Build the application for one config.
 
-    In demo mode the server points ``State.target_url`` at the built-in demo
+    In demo mode the server points the one upstream at the built-in demo
     upstream once it knows its own port.
     """
     config = loaded.config

@@ -1,8 +1,8 @@
 """The attempt loop: attempt, ask the decision core, and do what it says.
 
-This is the I/O shell around :func:`decisions.decide`; the circuit breaker is
-asked before every attempt and told the result of each, and every attempt is
-recorded in the request log (and in the error log when it went wrong).
+This is the I/O shell around :func:`decisions.decide` and :mod:`routing`: the
+upstreams' circuit breakers are asked and told, and every attempt is recorded
+in the request log (and in the error log when it went wrong).
 """
 
 from __future__ import annotations
@@ -11,19 +11,22 @@ import asyncio
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
-from .breaker import RETRY
+from .breaker import RETRY, Permit
 from .decisions import Action, Decision, Outcome, circuit_open, decide, failure_summary
 from .exchange import Exchange
 from .request_log import AttemptRecord
+from .routing import Route, failover_cause
 from .upstream import Reply
+from .upstreams import Upstream
 
 log = logging.getLogger("first_hop_proxy")
 
 DEBUG_TEXT = 300  # characters of upstream text in a debug line
 
-Attempt = Callable[[], Awaitable[Reply]]
+Attempt = Callable[[Upstream], Awaitable[Reply]]
 
 
 def outcome_of(reply: Reply, stream: bool) -> Outcome:
@@ -44,28 +47,48 @@ def outcome_of(reply: Reply, stream: bool) -> Outcome:
 
 
 async def attempt_until_decided(ex: Exchange, attempt: Attempt) -> tuple[Decision, Reply | None]:
-    """Attempt, ask the decision core, and retry while it says so.
+    """Attempt, ask the decision core, and retry (or move on) while it says so.
 
     Returns the final decision (DELIVER, FAIL or HARD_STOP) and the reply it is
-    about. The circuit breaker admits the request (or refuses it at once) and
-    is told the result of every attempt; the request's own retries are never
-    refused by it (:data:`breaker.RETRY`): the breaker protects the next requests.
+    about. The request goes round the upstreams that serve its model
+    (:mod:`routing`): it moves on when retrying where it is cannot help soon
+    (``routing.failover_on``), starting a new round, after the backoff delay,
+    once every one was tried. Each upstream's circuit breaker admits the
+    request (or refuses it at once) and is told the result of every attempt;
+    the request's own retries are never refused by it (:data:`breaker.RETRY`):
+    the breaker protects the next requests.
     """
-    state = ex.state
-    breaker, policy = state.breaker, state.policy
-    permit = breaker.acquire(time.monotonic())
-    state.breaker_moved(permit.transition)
-    if not permit:
-        decision = circuit_open(
-            breaker.retry_in(time.monotonic()), breaker.consecutive_failures, breaker.last_failure
-        )
-        ex.error_event("circuit_open", "CircuitOpen", decision.reason, status_code=503)
-        return decision, None
+    state, settings = ex.state, ex.settings
+    policy, routing = settings.policy, settings.config.routing
+    model = ex.chat.model if ex.chat is not None else ""
+    rotation = state.next_rotation() if routing.strategy == "round_robin" else 0
+    route = Route(settings.candidates(model, rotation))
+    admitted: set[str] = set()
+    failures: Counter[str] = Counter()
     while True:
+        upstream = ex.upstream = route.current
+        route.mark_tried()
+        breaker = upstream.breaker
+        permit = RETRY
+        if upstream.name not in admitted:
+            permit = breaker.acquire(time.monotonic())
+            state.breaker_moved(upstream, permit.transition)
+            if not permit:
+                decision = circuit_open(
+                    breaker.retry_in(time.monotonic()),
+                    breaker.consecutive_failures,
+                    breaker.last_failure,
+                )
+                ex.tried[upstream.name] = f"circuit open; the last error: {breaker.last_failure}"
+                if "circuit_open" in routing.failover_on and route.next_untried():
+                    continue
+                ex.error_event("circuit_open", "CircuitOpen", decision.reason, status_code=503)
+                return decision, None
+            admitted.add(upstream.name)
         began = time.monotonic()
         ex.calls += 1
         try:
-            reply = await attempt()
+            reply = await attempt(upstream)
         except BaseException:
             breaker.release(time.monotonic(), permit)
             raise
@@ -77,23 +100,46 @@ async def attempt_until_decided(ex: Exchange, attempt: Attempt) -> tuple[Decisio
             jitter=random.random(),
             now=time.time(),
         )
-        now = time.monotonic()
-        if decision.counts_as_failure:
-            state.breaker_moved(breaker.record_failure(now, permit, failure_summary(decision)))
-        else:
-            state.breaker_moved(breaker.record_success(now, permit))
-            if decision.counts_as_success:
-                state.last_answer = time.time()
+        note_outcome(ex, upstream, permit, decision, duration)
         note_attempt(ex, reply, decision, duration)
-        if decision.action is not Action.RETRY:
+        if decision.action is Action.DELIVER:
             return decision, reply
-        permit = RETRY
+        failures[upstream.name] += decision.action is Action.RETRY
+        cause = failover_cause(decision, failures[upstream.name], routing.retries_per_upstream)
+        moving = cause is not None and cause in routing.failover_on and route.alternatives
+        if decision.action is not Action.RETRY:
+            if moving and route.next_untried():
+                reply.close()
+                ex.history = ex.history.moved_on()
+                continue
+            return decision, reply
         reply.close()
         state.counters.retries += 1
         ex.history = ex.history.after(decision)
+        if moving and not route.next_round():
+            continue  # another upstream, at once: the wait is for the same one
         await asyncio.sleep(decision.delay)
         # Logged once taken: a wait cut short by the client leaving was not a delay.
         ex.record.attempts[-1].delay_before_next = decision.delay
+
+
+def note_outcome(
+    ex: Exchange, upstream: Upstream, permit: Permit, decision: Decision, duration: float
+) -> None:
+    """Tell the upstream's breaker and record how the attempt went."""
+    now = time.monotonic()
+    failed = decision.counts_as_failure
+    if failed:
+        moved = upstream.breaker.record_failure(now, permit, failure_summary(decision))
+    else:
+        moved = upstream.breaker.record_success(now, permit)
+        if decision.counts_as_success:
+            upstream.last_answer = time.time()
+    ex.state.breaker_moved(upstream, moved)
+    if decision.action is not Action.ABANDON:
+        upstream.record.add(not failed, duration)
+    if decision.action is not Action.DELIVER:
+        ex.tried[upstream.name] = failure_summary(decision)
 
 
 def note_attempt(ex: Exchange, reply: Reply, decision: Decision, duration: float) -> None:
@@ -102,6 +148,7 @@ def note_attempt(ex: Exchange, reply: Reply, decision: Decision, duration: float
     recat_text = f"{recat.old} -> {recat.new} (pattern {recat.pattern!r})" if recat else ""
     problem = reply.message or decision.upstream_message
     attempt = ex.record.add_attempt(
+        upstream=ex.upstream.name if ex.upstream is not None else "",
         status=reply.status,
         duration=duration,
         action=decision.action.value,
@@ -116,10 +163,10 @@ def note_attempt(ex: Exchange, reply: Reply, decision: Decision, duration: float
             f"{reply.comments} comment(s), {reply.comment_bytes:,} bytes, before the first "
             f"token (queue heartbeats?), the first: {reply.first_comment!r}"
         )
-    if ex.state.config.server.debug:
+    if ex.settings.config.server.debug:
         debug_attempt(ex, attempt, decision.delay if decision.action is Action.RETRY else None)
-    if recat is not None and ex.state.config.response_parsing.logging.log_recategorization:
-        parsing_log = ex.state.config.response_parsing.logging
+    if recat is not None and ex.settings.config.response_parsing.logging.log_recategorization:
+        parsing_log = ex.settings.config.response_parsing.logging
         if parsing_log.enabled:
             ex.error_event(
                 "recategorized",

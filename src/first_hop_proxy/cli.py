@@ -14,7 +14,6 @@ from typing import Any
 import yaml
 
 from . import __version__, console
-from .app import masked_url
 from .config import (
     ConfigError,
     LoadedConfig,
@@ -23,7 +22,7 @@ from .config import (
 )
 from .demo import BANNER
 from .error_log import log_config_error
-from .redact import is_secret_header, redact_text
+from .redact import is_secret_header, masked_url, redact_text
 from .rewrite import trial
 from .server import RunningServer, serve_forever
 
@@ -152,12 +151,12 @@ def record_config_error(path: Path, exc: ConfigError) -> Path | None:
 def effective_config(loaded: LoadedConfig) -> dict[str, Any]:
     """The config as the proxy will use it, safe to paste into a bug report."""
     data = loaded.config.model_dump(mode="json")
-    target = data["target_proxy"]
-    target["url"] = masked_url(target["url"]) if target["url"] else ""
-    headers = target["headers"]
-    for name, value in headers.items():
-        if is_secret_header(name):
-            headers[name] = mask_secret(value)
+    for target in [data["target_proxy"], *data["upstreams"]]:
+        target["url"] = masked_url(target["url"]) if target["url"] else ""
+        headers = target["headers"]
+        for name, value in headers.items():
+            if is_secret_header(name):
+                headers[name] = mask_secret(value)
     return data
 
 

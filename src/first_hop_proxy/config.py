@@ -9,13 +9,14 @@ line per problem, each naming the key path and what to do about it.
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import regex
 import yaml
@@ -148,10 +149,61 @@ class MessageRule(RewriteRule):
 
 
 class TargetProxy(Section):
+    """The one upstream of a simple config, and the defaults of every ``upstreams`` entry."""
+
     url: str = ""
     headers: dict[str, str] = Field(default_factory=dict)
     timeout: Positive = 30
     connect_timeout: Positive = 10
+
+
+#: The name of the upstream that ``target_proxy`` alone stands for.
+DEFAULT_UPSTREAM = "default"
+
+
+class Upstream(Section):
+    """One entry of ``upstreams``: where to send, and which models it serves."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][\w.-]*$")]
+    url: Annotated[str, Field(min_length=1)]
+    headers: dict[str, str] = Field(default_factory=dict)
+    #: None: target_proxy's (filled in when the config is loaded).
+    timeout: Positive | None = None
+    connect_timeout: Positive | None = None
+    #: Model names or globs (``claude-*``) it serves; None: every model.
+    models: list[str] | None = None
+    #: Our model name -> the name this upstream knows it by.
+    model_map: dict[str, str] = Field(default_factory=dict)
+
+
+FailoverOn = Literal[
+    "connection_error",
+    "timeout",
+    "circuit_open",
+    "retries_exhausted",
+    "model_not_found",
+    "empty_response",
+    "fail_code",
+    "hard_stop",
+]
+
+
+DEFAULT_FAILOVER_ON: tuple[FailoverOn, ...] = (
+    "connection_error",
+    "timeout",
+    "circuit_open",
+    "retries_exhausted",
+    "model_not_found",
+)
+
+
+class Routing(Section):
+    """How a request picks its upstream, and when it moves on to the next."""
+
+    strategy: Literal["priority", "round_robin"] = "priority"
+    failover_on: list[FailoverOn] = Field(default_factory=lambda: list(DEFAULT_FAILOVER_ON))
+    #: Retryable failures on one upstream before moving to the next.
+    retries_per_upstream: Annotated[int, Field(ge=0)] = 1
 
 
 class RegexReplacement(Section):
@@ -288,6 +340,9 @@ class ErrorLogging(Section):
 
 class Config(Section):
     target_proxy: TargetProxy = Field(default_factory=TargetProxy)
+    #: Filled from ``target_proxy`` (one entry, named "default") when the file has none.
+    upstreams: list[Upstream] = Field(default_factory=list)
+    routing: Routing = Field(default_factory=Routing)
     regex_replacement: RegexReplacement = Field(default_factory=RegexReplacement)
     response_processing: ResponseProcessing = Field(default_factory=ResponseProcessing)
     response_parsing: ResponseParsing = Field(default_factory=ResponseParsing)
@@ -320,8 +375,8 @@ class LoadedConfig:
 
     @property
     def demo(self) -> bool:
-        """No target configured: the proxy answers with its built-in demo upstream."""
-        return not self.config.target_proxy.url
+        """No upstream configured: the proxy answers with its built-in demo upstream."""
+        return not self.config.upstreams
 
 
 def default_config_path(env: Mapping[str, str] | None = None) -> Path:
@@ -380,11 +435,42 @@ def parse_config(
         config = Config.model_validate(data)
     except ValidationError as exc:
         problems += [_format_error(err) for err in exc.errors()]
+    else:
+        problems += _upstream_problems(config)
     if problems:
         raise ConfigError(problems, source, warnings)
-    config = _resolve_folders(config, base_dir)
+    config = _resolve_upstreams(_resolve_folders(config, base_dir))
     warnings += _semantic_warnings(config)
     return LoadedConfig(config, None, warnings)
+
+
+def _upstream_problems(config: Config) -> list[str]:
+    if config.upstreams and config.target_proxy.url:
+        return [
+            "target_proxy.url: both target_proxy.url and upstreams are set; use one. Move "
+            "target_proxy.url (and its headers) into upstreams as an entry, or remove "
+            "upstreams (target_proxy's timeouts may stay: they are the entries' defaults)"
+        ]
+    return []
+
+
+def _resolve_upstreams(config: Config) -> Config:
+    """Every upstream as one list: ``target_proxy`` alone is a list of one, named "default";
+    an entry's missing timeouts come from ``target_proxy``."""
+    target = config.target_proxy
+    entries = config.upstreams
+    if not entries and target.url:
+        entries = [Upstream(name=DEFAULT_UPSTREAM, url=target.url, headers=dict(target.headers))]
+    resolved = [
+        entry.model_copy(
+            update={
+                "timeout": entry.timeout or target.timeout,
+                "connect_timeout": entry.connect_timeout or target.connect_timeout,
+            }
+        )
+        for entry in entries
+    ]
+    return config.model_copy(update={"upstreams": resolved})
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -432,10 +518,15 @@ def _apply_env_overrides(data: dict[str, Any], env: Mapping[str, str], problems:
             data[name] = current
         return current
 
+    # With an upstreams list, the overrides apply to its first entry.
+    listed = data.get("upstreams")
+    first = (
+        listed[0] if isinstance(listed, list) and listed and isinstance(listed[0], dict) else None
+    )
     if env.get("FHP_TARGET_URL"):
-        section("target_proxy")["url"] = env["FHP_TARGET_URL"]
+        (first if first is not None else section("target_proxy"))["url"] = env["FHP_TARGET_URL"]
     if env.get("FHP_TARGET_API_KEY"):
-        target = section("target_proxy")
+        target = first if first is not None else section("target_proxy")
         headers = target.get("headers")
         headers = dict(headers) if isinstance(headers, dict) else {}
         for name in [h for h in headers if str(h).lower() == "authorization"]:
@@ -491,7 +582,7 @@ def _unknown_keys(model: type[Section], data: Any, path: str) -> list[str]:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             warnings.append(f"{key_path}: unknown key, ignored{hint}")
             continue
-        if model is TargetProxy and key == "headers":
+        if model in (TargetProxy, Upstream) and key in ("headers", "model_map"):
             continue
         sub = _model_of(fields[key].annotation)
         if sub is None:
@@ -532,6 +623,41 @@ def is_local_host(host: str) -> bool:
         return False
 
 
+def serves(patterns: list[str] | None, model: str) -> bool:
+    """Whether an upstream with these ``models`` (names or globs; None: all) serves ``model``."""
+    if patterns is None:
+        return True
+    return any(fnmatch.fnmatchcase(model, pattern) for pattern in patterns)
+
+
+def _upstream_warnings(upstreams: list[Upstream]) -> list[str]:
+    warnings: list[str] = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(upstreams):
+        if entry.name in seen:
+            warnings.append(
+                f"upstreams[{i}].name: {entry.name!r} is also the name of upstreams"
+                f"[{seen[entry.name]}]; give each upstream its own name, or logs and health "
+                "cannot tell them apart"
+            )
+        seen.setdefault(entry.name, i)
+        for model in entry.model_map:
+            if not serves(entry.models, model):
+                warnings.append(
+                    f"upstreams[{i}].model_map: {model!r} is mapped but not in this "
+                    "upstream's models, so no request for it is sent here"
+                )
+    named = {m for e in upstreams for m in e.models or () if not _is_glob(m)}
+    for model in sorted(named | {m for e in upstreams for m in e.model_map}):
+        if not any(serves(e.models, model) for e in upstreams):
+            warnings.append(f"upstreams: no upstream serves the model {model!r}")
+    return warnings
+
+
+def _is_glob(name: str) -> bool:
+    return any(c in name for c in "*?[")
+
+
 def _semantic_warnings(config: Config) -> list[str]:
     warnings: list[str] = []
     eh = config.error_handling
@@ -556,13 +682,15 @@ def _semantic_warnings(config: Config) -> list[str]:
         )
     if not is_local_host(config.server.host) and any(
         is_secret_header(h) and not is_empty_value(v)
-        for h, v in config.target_proxy.headers.items()
+        for headers in [config.target_proxy.headers, *(u.headers for u in config.upstreams)]
+        for h, v in headers.items()
     ):
         warnings.append(
             f"server.host: listening on {config.server.host} exposes the key in "
             "target_proxy.headers to anyone on the network who can reach this port; "
             "use 127.0.0.1 unless other machines must connect"
         )
+    warnings += _upstream_warnings(config.upstreams)
     if "*" in config.server.cors_origins:
         warnings.append(
             "server.cors_origins: '*' lets every web page open in your browser send chats "

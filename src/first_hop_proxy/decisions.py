@@ -27,7 +27,7 @@ import enum
 import http
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, NamedTuple
 
@@ -139,6 +139,10 @@ class History:
             empty_retries=self.empty_retries + (budget == "empty"),
             last_delay=decision.delay,
         )
+
+    def moved_on(self) -> History:
+        """The history for an attempt at another upstream after a failure not retried."""
+        return replace(self, attempts=self.attempts + 1)
 
     def at(self, elapsed: float) -> History:
         """The same history, with the time since the request began updated.
@@ -906,6 +910,11 @@ def _over(attempts: int, elapsed: float) -> str:
     return f"{attempts} attempts over {elapsed:.1f} s"
 
 
+def _clip(text: str) -> str:
+    text = text.rstrip(".")
+    return text if len(text) <= TRIED_LIMIT else text[: TRIED_LIMIT - 1].rstrip() + "…"
+
+
 def _seconds(value: float) -> str:
     return f"{math.ceil(value)} s"
 
@@ -915,12 +924,23 @@ HARD_STOP_GENERIC: Final = (
 )
 
 
-def error_body(decision: Decision, attempts: int, elapsed: float) -> dict[str, Any]:
+#: How much of each upstream's words the final error quotes when several were tried.
+TRIED_LIMIT: Final = 160
+
+
+def error_body(
+    decision: Decision,
+    attempts: int,
+    elapsed: float,
+    tried: Sequence[tuple[str, str]] = (),
+) -> dict[str, Any]:
     """The OpenAI-style error the client gets for a FAIL or HARD_STOP decision.
 
     SillyTavern shows only ``error.message``, so the message says what
     happened, how many attempts over how long, and what the upstream itself
-    said. A hard stop gets exactly the spec's hard-stop shape.
+    said; with several upstreams (``tried``: name and what it said last, in
+    order), what each one said. A hard stop gets exactly the spec's hard-stop
+    shape.
     """
     d = decision
     if d.error_type == "hard_stop_error":
@@ -995,7 +1015,10 @@ def error_body(decision: Decision, attempts: int, elapsed: float) -> dict[str, A
             code = f"upstream_{d.status}"
             after = f" (after {tries})" if attempts > 1 else ""
             message = f"The upstream answered {seen}{after}."
-    if d.upstream_message:
+    if tried:
+        said = "; ".join(f"{name} ({_clip(text)})" for name, text in tried)
+        message = f"{message} Upstreams tried: {said}."
+    elif d.upstream_message:
         label = "Details" if d.error_type in ("timeout", "connection_error") else "Upstream said"
         if d.error_type == "circuit_open":
             label = "The last error"

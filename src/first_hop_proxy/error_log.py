@@ -254,7 +254,7 @@ class ErrorLog:
         self.cfg = cfg
         self.folder = Path(cfg.folder)
         self._writer = writer
-        self._redactor = redactor or Redactor()
+        self.redactor = redactor or Redactor()  # replaced when a reloaded config has new keys
         self._lock = threading.Lock()
         self._files: deque[Path] = deque()  # oldest first; changed on the writer thread only
         self.total = 0
@@ -303,7 +303,7 @@ class ErrorLog:
         try:
             path = self._writer.write_file(
                 self.folder / error_file_name(event),
-                lambda name: format_error_log(event, self.cfg, name, self._redactor),
+                lambda name: format_error_log(event, self.cfg, name, self.redactor),
                 doomed[0] if doomed else None,
             )
         finally:  # forgotten by _due: removed even when this log could not be written

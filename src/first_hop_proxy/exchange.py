@@ -13,23 +13,42 @@ from multidict import CIMultiDict
 
 from .decisions import Decision, History, error_body
 from .error_log import ErrorEvent
+from .headers import add_configured
 from .redact import Redactor, header_secrets
 from .request_log import RequestRecord
 from .rewrite import RuleTimeout
-from .state import State
+from .state import Settings, State
+from .upstreams import Upstream
 
 log = logging.getLogger("first_hop_proxy")
 
 
 @dataclass(slots=True, eq=False)
 class ChatRequest:
-    """A checked chat request, ready to forward."""
+    """A checked chat request, ready to forward.
+
+    ``headers`` are the client's, minus hop-by-hop ones; each upstream adds its
+    configured headers, and its own model name where ``model_map`` has one.
+    """
 
     body: bytes
     payload: dict[str, Any]
     headers: CIMultiDict[str]
     stream: bool
     model: str
+    _prepared: dict[str, tuple[bytes, CIMultiDict[str]]] = field(default_factory=dict)
+
+    def for_upstream(self, upstream: Upstream) -> tuple[bytes, CIMultiDict[str]]:
+        """The body and headers to send to ``upstream`` (worked out once per upstream)."""
+        prepared = self._prepared.get(upstream.name)
+        if prepared is None:
+            body = self.body
+            theirs = upstream.model_for(self.model)
+            if theirs != self.model:
+                body = orjson.dumps({**self.payload, "model": theirs})
+            prepared = body, add_configured(self.headers, upstream.headers)
+            self._prepared[upstream.name] = prepared
+        return prepared
 
 
 @dataclass(slots=True, eq=False)
@@ -37,9 +56,13 @@ class Exchange:
     """One client request on its way through the proxy, and what happened to it."""
 
     state: State
+    settings: Settings  # the config this request started with, whatever reloads come
     request: web.Request
     record: RequestRecord
     chat: ChatRequest | None = None
+    upstream: Upstream | None = None  # the one being tried, or that delivered
+    #: What each upstream tried said last (name -> one line), for the final error.
+    tried: dict[str, str] = field(default_factory=dict)
     history: History = field(default_factory=History)
     started: float = field(default_factory=time.monotonic)
     last_problem: str = ""
@@ -62,7 +85,7 @@ class Exchange:
 
     def redactor(self) -> Redactor:
         """The proxy's redactor, also masking the key this client sent."""
-        return self.state.redactor.with_secrets(self.client_secrets())
+        return self.settings.redactor.with_secrets(self.client_secrets())
 
     def rule_timeouts(self, timeouts: list[RuleTimeout]) -> None:
         """Rewrite rules that ran out of time: a console warning and an error log each."""
@@ -73,7 +96,10 @@ class Exchange:
     def error_event(self, code: str | int, error_type: str, message: str, **fields: Any) -> None:
         """Send one event to the error log, with this request's context filled in."""
         chat = self.chat
-        self.state.error_log.log(
+        upstream = self.upstream
+        if upstream is not None and self.settings.several:
+            fields["context"] = {"upstream": upstream.name, **fields.get("context", {})}
+        self.settings.error_log.log(
             ErrorEvent(
                 code,
                 error_type,
@@ -85,7 +111,7 @@ class Exchange:
                 stream=chat.stream if chat else None,
                 client=self.request.remote,
                 elapsed=self.elapsed(),
-                url=self.state.redactor.url(self.state.target_url),
+                url=self.settings.redactor.url(upstream.url) if upstream else None,
                 secrets=[*self.record.secrets, *self.client_secrets()],
                 **fields,
             )
@@ -93,8 +119,13 @@ class Exchange:
 
 
 def failure_body(ex: Exchange, decision: Decision) -> bytes:
-    """The error the client gets; an upstream text quoted in it may echo a key: masked."""
-    return orjson.dumps(ex.redactor().obj(error_body(decision, ex.calls, ex.elapsed())))
+    """The error the client gets; an upstream text quoted in it may echo a key: masked.
+
+    With several upstreams, it names each one tried and what each said.
+    """
+    tried = list(ex.tried.items()) if ex.settings.several else []
+    body = error_body(decision, ex.calls, ex.elapsed(), tried)
+    return orjson.dumps(ex.redactor().obj(body))
 
 
 def note_failure(ex: Exchange, decision: Decision) -> None:

@@ -20,11 +20,12 @@ from .attempts import attempt_until_decided
 from .decisions import Action
 from .errors import error_response
 from .exchange import ChatRequest, Exchange, failure_response
-from .headers import client_headers, upstream_headers
+from .headers import client_headers, forwardable
 from .request_log import RequestRecord
 from .state import REQUEST_ID, STATE
 from .streaming import relay_stream
 from .upstream import Reply, fetch
+from .upstreams import Upstream
 
 log = logging.getLogger("first_hop_proxy")
 
@@ -66,7 +67,7 @@ def parse_chat_request(body: bytes, ex: Exchange) -> ChatRequest | BadRequest:
     return ChatRequest(
         body=body,
         payload=payload,
-        headers=upstream_headers(ex.request.headers, ex.state.headers),
+        headers=forwardable(ex.request.headers),
         stream=payload.get("stream") is True,
         model=model if isinstance(model, str) else "",
     )
@@ -80,7 +81,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         client=request.remote,
         headers=request.headers,
     )
-    ex = Exchange(state, request, record)
+    ex = Exchange(state, state.settings, request, record)
     status = 500
     try:
         response = await handle(ex)
@@ -107,13 +108,23 @@ async def handle(ex: Exchange) -> web.StreamResponse:
         return error_response(400, chat.message, "invalid_request_error", chat.code)
     ex.chat = chat
     ex.record.model, ex.record.stream = chat.model, chat.stream
+    upstreams = ex.settings.upstreams
+    if not any(u.serves(chat.model) for u in upstreams):
+        message = (
+            f"No upstream serves the model {chat.model!r}. The upstreams serve: "
+            + "; ".join(f"{u.name}: {', '.join(u.patterns or ['any'])}" for u in upstreams)
+            + " (upstreams[].models in config.yaml)."
+        )
+        ex.outcome_note = "no upstream serves the model"
+        ex.error_event("model_not_served", "ModelNotServed", message, status_code=404)
+        return error_response(404, message, "invalid_request_error", "model_not_served")
     await rewrite_request(ex, chat)
-    if ex.state.config.server.debug:
+    if ex.settings.config.server.debug:
         redactor = ex.redactor()
         log.debug(
             "%s -> POST %s, %d bytes, headers %s",
             ex.request_id,
-            redactor.url(ex.state.target_url),
+            ", ".join(redactor.url(u.url) for u in upstreams if u.serves(chat.model)),
             len(chat.body),
             redactor.headers(chat.headers),
         )
@@ -123,7 +134,7 @@ async def handle(ex: Exchange) -> web.StreamResponse:
 
 
 async def rewrite_request(ex: Exchange, chat: ChatRequest) -> None:
-    rewriter = ex.state.rewriter
+    rewriter = ex.settings.rewriter
     if not rewriter.has_request_rules:
         return
     result = await rewriter.rewrite_messages_async(chat.payload, len(chat.body))
@@ -144,15 +155,17 @@ def finish(ex: Exchange, status: int) -> None:
     record.outcome = ex.outcome_note
     if ex.outcome_note:
         record.error = record.error or ex.outcome_note
-    ex.state.request_log.write(record)
+    ex.settings.request_log.write(record)
     chat = ex.chat
     note = f" ({ex.outcome_note})" if ex.outcome_note else ""
+    via = f" via {ex.upstream.name}" if ex.upstream is not None and ex.settings.several else ""
     log.info(
-        "%s %s %s -> %s, %d attempt%s, %.2f s%s",
+        "%s %s %s -> %s%s, %d attempt%s, %.2f s%s",
         ex.request_id,
         (chat.model or "-") if chat else "-",
         "stream" if chat and chat.stream else "json",
         status,
+        via,
         ex.calls,
         "" if ex.calls == 1 else "s",
         record.duration or 0.0,
@@ -161,18 +174,18 @@ def finish(ex: Exchange, status: int) -> None:
 
 
 async def relay_json(ex: Exchange, chat: ChatRequest) -> web.StreamResponse:
-    state = ex.state
-    timeout = state.config.target_proxy.timeout
+    session, rewriter = ex.state.session, ex.settings.rewriter
 
-    def attempt() -> Awaitable[Reply]:
-        return fetch(state.session, state.target_url, chat.body, chat.headers, timeout)
+    def attempt(upstream: Upstream) -> Awaitable[Reply]:
+        body, headers = chat.for_upstream(upstream)
+        return fetch(session, upstream, body, headers)
 
     decision, reply = await attempt_until_decided(ex, attempt)
     if decision.action is not Action.DELIVER or reply is None or reply.status is None:
         return failure_response(ex, decision)
     body = reply.body
-    if state.rewriter.has_response_rules:
-        result = await state.rewriter.rewrite_response_async(body)
+    if rewriter.has_response_rules:
+        result = await rewriter.rewrite_response_async(body)
         ex.rule_timeouts(result.timeouts)
         body = result.body
     ex.record.response_body = body

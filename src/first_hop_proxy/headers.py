@@ -52,6 +52,11 @@ def upstream_headers(
     ``Authorization: Bearer undefined`` (and ``null``, or nothing after ``Bearer``)
     is what SillyTavern sends when no key is stored: it counts as absent.
     """
+    return add_configured(forwardable(client), configured)
+
+
+def forwardable(client: CIMultiDictProxy[str] | Mapping[str, str]) -> CIMultiDict[str]:
+    """The client's headers that may go upstream: no hop-by-hop ones, no placeholder key."""
     drop = HOP_BY_HOP | _connection_named(client)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in client.items():
@@ -61,6 +66,14 @@ def upstream_headers(
         if lower == "authorization" and is_placeholder(value):
             continue
         out.add(name, value)
+    return out
+
+
+def add_configured(base: CIMultiDict[str], configured: Mapping[str, str]) -> CIMultiDict[str]:
+    """``base`` with an upstream's ``configured`` headers added, winning (a copy if needed)."""
+    if not configured:
+        return base
+    out = base.copy()
     for name, value in configured.items():
         out[name] = value
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import regex  # type: ignore[import-untyped,unused-ignore]
 
@@ -354,6 +355,20 @@ def redact_text(text: str) -> str:
 def redact_url(url: str) -> str:
     """Mask ``key=``/``api_key=``/``access_token=`` query values and URL passwords."""
     return _PLAIN.url(url)
+
+
+def masked_url(url: str) -> str:
+    """An upstream URL without credentials or query values (keys often live there)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2] or url
+    if parts.username or parts.password:
+        netloc = "***@" + netloc
+    query = "&".join(
+        f"{pair.split('=', 1)[0]}=***" if "=" in pair else pair
+        for pair in parts.query.split("&")
+        if pair
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 def redact_headers(headers: Headers) -> dict[str, str]:

@@ -46,6 +46,7 @@ class AttemptRecord:
     """One try against the upstream, and what the resilience layer decided about it."""
 
     number: int
+    upstream: str = ""
     status: int | None = None
     duration: float | None = None
     action: str = ""
@@ -272,7 +273,8 @@ def _body_text(body: bytes, redactor: Redactor) -> str:
 
 def _attempt_lines(attempt: AttemptRecord, redactor: Redactor) -> list[str]:
     status = attempt.status if attempt.status is not None else "no response"
-    lines = [f"Status: {status}"]
+    lines = [f"Upstream: {attempt.upstream}"] if attempt.upstream else []
+    lines.append(f"Status: {status}")
     if attempt.duration is not None:
         lines.append(f"Duration: {attempt.duration:.3f} seconds")
     if attempt.action:
@@ -321,7 +323,7 @@ class RequestLog:
         self.cfg = cfg
         self.folder = Path(cfg.folder)
         self._writer = writer
-        self._redactor = redactor or Redactor()
+        self.redactor = redactor or Redactor()  # replaced when a reloaded config has new keys
         self._lock = threading.Lock()
         # Both only changed on the writer thread; read under the lock.
         self._files: deque[tuple[float, Path]] = deque()
@@ -390,7 +392,7 @@ class RequestLog:
 
     def _write(self, record: RequestRecord) -> None:
         record.assemble_stream()
-        text = format_request_log(record, self.cfg, self._redactor)
+        text = format_request_log(record, self.cfg, self.redactor)
         doomed = self._due(incoming=1)
         path = self.folder / log_file_name(record)
         try:

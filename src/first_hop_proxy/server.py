@@ -74,7 +74,7 @@ async def start(
     bound = sockets[0][1] if sockets else port
     if loaded.demo:
         local = "127.0.0.1" if ":" not in host else "::1"
-        app[STATE].target_url = RunningServer(runner, local, bound).url + DEMO_PATH
+        app[STATE].upstreams[0].url = RunningServer(runner, local, bound).url + DEMO_PATH
     return RunningServer(runner, host, bound)
 
 

@@ -1,7 +1,9 @@
-"""The proxy's state: everything one running proxy holds, built from one config.
+"""The proxy's state: what one running proxy holds, and what its current config implies.
 
 No module-level globals: the server keeps one :class:`State` on its
-``web.Application`` and every handler reaches it from the request.
+``web.Application`` and every handler reaches it from the request. What a
+config implies (compiled rules, upstreams, logs) is one :class:`Settings`; a
+config reload swaps it, and each request keeps the one it started with.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -16,16 +19,17 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .breaker import CircuitBreaker, Transition
-from .breaker import State as BreakerState
+from .breaker import Transition
 from .config import Config, LoadedConfig
+from .config import Upstream as UpstreamConfig
 from .decisions import Policy
 from .error_log import ErrorEvent, ErrorLog
 from .guard import Guard
-from .headers import configured_headers
-from .redact import Redactor, header_secrets
+from .redact import Redactor, header_secrets, masked_url
 from .request_log import RequestLog
 from .rewrite import Rewriter
+from .routing import start_order
+from .upstreams import Upstream, build_upstreams
 from .writer import LogWriter
 
 log = logging.getLogger("first_hop_proxy")
@@ -50,53 +54,122 @@ class Counters:
 
 
 @dataclass(eq=False)
-class State:
-    """One running proxy: its config, compiled rules, breaker, logs and client session."""
+class Settings:
+    """Everything one config implies, compiled once before the first request uses it."""
 
     loaded: LoadedConfig
-    target_url: str
-    #: The configured upstream headers that carry something (``headers.configured_headers``).
-    headers: dict[str, str]
     policy: Policy
-    breaker: CircuitBreaker
     rewriter: Rewriter
     redactor: Redactor
-    writer: LogWriter
+    guard: Guard
+    upstreams: tuple[Upstream, ...]
     request_log: RequestLog
     error_log: ErrorLog
-    guard: Guard
+    loaded_at: float = field(default_factory=time.time)
+
+    @classmethod
+    def build(
+        cls, loaded: LoadedConfig, writer: LogWriter, previous: Settings | None = None
+    ) -> Settings:
+        """Compile ``loaded``; with ``previous`` (a reload), breakers and logs carry over."""
+        config = loaded.config
+        upstreams = config.upstreams
+        if loaded.demo:  # the built-in demo upstream; the server sets its URL when it listens
+            demo_url = previous.upstreams[0].url if previous and previous.loaded.demo else ""
+            upstreams = [UpstreamConfig(name="demo", url=demo_url or "http://127.0.0.1:1/")]
+        secrets = [s for u in config.upstreams for s in header_secrets(u.headers)]
+        redactor = Redactor([*secrets, *header_secrets(config.target_proxy.headers)])
+        old = previous.upstreams if previous is not None else ()
+        request_log = error_log = None
+        if previous is not None:
+            if previous.config.logging == config.logging:
+                request_log = previous.request_log
+                request_log.redactor = redactor
+            if previous.config.error_logging == config.error_logging:
+                error_log = previous.error_log
+                error_log.redactor = redactor
+        return cls(
+            loaded=loaded,
+            policy=Policy.from_config(config),
+            rewriter=Rewriter.from_config(config),
+            redactor=redactor,
+            guard=Guard.from_config(config.server),
+            upstreams=build_upstreams(upstreams, config.circuit_breaker, old),
+            request_log=request_log or RequestLog(config.logging, writer, redactor),
+            error_log=error_log or ErrorLog(config.error_logging, writer, redactor),
+        )
+
+    @property
+    def config(self) -> Config:
+        return self.loaded.config
+
+    @property
+    def several(self) -> bool:
+        """More than one upstream: messages and keep-alives name the one meant."""
+        return len(self.upstreams) > 1
+
+    def candidates(self, model: str, rotation: int) -> list[Upstream]:
+        """The upstreams that serve ``model``, in the order this request tries them."""
+        serving = [u for u in self.upstreams if u.serves(model)]
+        if self.config.routing.strategy != "round_robin" or len(serving) < 2:
+            return serving
+        # Round robin among the healthy ones: start at the next whose breaker is closed.
+        order = start_order(serving, rotation)
+        healthy = [u for u in order if u.available()]
+        return healthy + [u for u in order if not u.available()]
+
+
+@dataclass(eq=False)
+class State:
+    """One running proxy: its settings, log writer, counters and client session."""
+
+    settings: Settings
+    writer: LogWriter
     started: float = field(default_factory=time.monotonic)
     counters: Counters = field(default_factory=Counters)
-    last_models: bytes | None = None  # the upstream's last good /models answer
-    last_answer: float | None = None  # wall time the upstream last answered (not failed)
+    rotation: int = 0  # round robin: where the next request starts
     _session: aiohttp.ClientSession | None = None
 
     @classmethod
     def build(cls, loaded: LoadedConfig) -> State:
         """Compile everything a config implies, once, before the first request."""
-        config = loaded.config
-        redactor = Redactor(header_secrets(config.target_proxy.headers))
         writer = LogWriter()
-        error_log = ErrorLog(config.error_logging, writer, redactor)
-        state = cls(
-            loaded=loaded,
-            target_url=config.target_proxy.url,
-            headers=configured_headers(config.target_proxy.headers),
-            policy=Policy.from_config(config),
-            breaker=CircuitBreaker.from_config(config.circuit_breaker),
-            rewriter=Rewriter.from_config(config),
-            redactor=redactor,
-            writer=writer,
-            request_log=RequestLog(config.logging, writer, redactor),
-            error_log=error_log,
-            guard=Guard.from_config(config.server),
-        )
+        state = cls(settings=Settings.build(loaded, writer), writer=writer)
         writer.on_failure = state.log_write_failure
         return state
 
+    # The current settings' parts, for code that does not serve one request.
+    @property
+    def loaded(self) -> LoadedConfig:
+        return self.settings.loaded
+
     @property
     def config(self) -> Config:
-        return self.loaded.config
+        return self.settings.config
+
+    @property
+    def policy(self) -> Policy:
+        return self.settings.policy
+
+    @property
+    def redactor(self) -> Redactor:
+        return self.settings.redactor
+
+    @property
+    def guard(self) -> Guard:
+        return self.settings.guard
+
+    @property
+    def upstreams(self) -> tuple[Upstream, ...]:
+        return self.settings.upstreams
+
+    @property
+    def request_log(self) -> RequestLog:
+        return self.settings.request_log
+
+    @property
+    def error_log(self) -> ErrorLog:
+        return self.settings.error_log
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -104,19 +177,21 @@ class State:
             raise RuntimeError("the upstream session is opened when the server starts")
         return self._session
 
+    def next_rotation(self) -> int:
+        """Round robin: the start position of the next request."""
+        self.rotation += 1
+        return self.rotation - 1
+
     async def start(self) -> None:
         """Open the one shared client session: a pool sized for hundreds of streams.
 
-        ``total=None``: a stream may run for as long as it keeps sending;
-        ``sock_read`` bounds the wait for headers and the gap between reads.
+        ``total=None``: a stream may run for as long as it keeps sending. Each
+        upstream's own ``connect`` and ``sock_read`` times are set per request.
         """
         await self.writer.start()
-        target = self.config.target_proxy
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-            timeout=aiohttp.ClientTimeout(
-                total=None, connect=target.connect_timeout, sock_read=target.timeout
-            ),
+            timeout=aiohttp.ClientTimeout(total=None),
             skip_auto_headers=("User-Agent",),
         )
 
@@ -126,55 +201,36 @@ class State:
             self._session = None
         await self.writer.close()
 
-    def breaker_moved(self, transition: Transition | None) -> None:
-        """Every state change of the circuit breaker goes to the console and the error log."""
+    def breaker_moved(self, upstream: Upstream, transition: Transition | None) -> None:
+        """Every state change of a circuit breaker goes to the console and the error log."""
         if transition is None:
             return
-        log.warning("upstream %s", transition)
+        log.warning("upstream %s: %s", upstream.name, transition)
         self.error_log.log(
             ErrorEvent(
                 "circuit_open" if transition.new == "open" else "circuit_breaker",
                 "CircuitBreaker",
-                str(transition),
-                url=self.redactor.url(self.target_url),
-                context=self.breaker_status(),
+                f"upstream {upstream.name}: {transition}",
+                url=self.redactor.url(upstream.url),
+                context={"upstream": upstream.name, **breaker_status(upstream)},
             )
         )
 
-    def breaker_status(self) -> dict[str, Any]:
-        """The breaker's snapshot, its times as wall-clock ISO timestamps a person can read."""
-        now_mono, now_wall = time.monotonic(), time.time()
-        snapshot = self.breaker.snapshot(now_mono)
-        for key in ("opened_at", "next_probe_at"):
-            if snapshot.get(key) is not None:
-                snapshot[key] = wall_clock(snapshot[key] - now_mono + now_wall)
-        return snapshot
-
     def health(self) -> tuple[str, str]:
-        """``ok``, ``degraded`` or ``unknown``, and why, as ``/health/detailed`` says it.
+        """``ok``, ``degraded`` or ``unknown`` for the proxy as a whole, and why.
 
-        ``ok`` only when the upstream's last attempt got an answer; ``degraded``
-        while the breaker is open (or probing) or the last attempts failed.
+        ``ok`` once an upstream answered and none is failing; with several, one
+        failing upstream makes the whole ``degraded``, naming it.
         """
-        breaker = self.breaker
-        last = breaker.last_failure or "no details"
-        if breaker.state is BreakerState.OPEN:
-            wait = breaker.retry_in(time.monotonic())
-            return "degraded", (
-                f"the circuit breaker is open after {breaker.consecutive_failures} failed "
-                f"attempts in a row (the last: {last}); the upstream is tried again in "
-                f"{wait:.0f} s"
-            )
-        if breaker.state is BreakerState.HALF_OPEN:
-            return "degraded", f"probing the upstream after failures (the last: {last})"
-        if breaker.consecutive_failures:
-            return "degraded", (
-                f"the last {breaker.consecutive_failures} attempt(s) at the upstream failed "
-                f"(the last: {last})"
-            )
-        if self.last_answer is None:
-            return "unknown", "no request has reached the upstream yet"
-        return "ok", f"the upstream answered at {wall_clock(self.last_answer)}"
+        verdicts = [(u, *u.health()) for u in self.upstreams]
+        bad = [(u, why) for u, status, why in verdicts if status == "degraded"]
+        if bad:
+            return "degraded", "; ".join(f"{u.name}: {why}" for u, why in bad)
+        if verdicts and all(status == "ok" for _, status, _ in verdicts):
+            return "ok", "every upstream answered its last attempt"
+        if any(status == "ok" for _, status, _ in verdicts):
+            return "ok", "; ".join(f"{u.name}: {why}" for u, _, why in verdicts)
+        return "unknown", "no request has reached an upstream yet"
 
     def log_write_failure(self, message: str) -> None:
         self.error_log.log(ErrorEvent("log_write_error", "OSError", message))
@@ -193,6 +249,39 @@ class State:
                 headers=request.headers.copy(),
             )
         )
+
+
+def breaker_status(upstream: Upstream) -> dict[str, Any]:
+    """A breaker's snapshot, its times as wall-clock ISO timestamps a person can read."""
+    now_mono, now_wall = time.monotonic(), time.time()
+    snapshot = upstream.breaker.snapshot(now_mono)
+    for key in ("opened_at", "next_probe_at"):
+        if snapshot.get(key) is not None:
+            snapshot[key] = wall_clock(snapshot[key] - now_mono + now_wall)
+    return snapshot
+
+
+def upstream_status(upstream: Upstream, redactor: Redactor) -> dict[str, Any]:
+    """One upstream in ``/health/detailed``: health, breaker, last error, recent record."""
+    status, reason = upstream.health()
+    return {
+        "name": upstream.name,
+        "url": masked_url(upstream.url),
+        "status": status,
+        "reason": redactor.text(reason),
+        "circuit_breaker": redactor.obj(breaker_status(upstream)),
+        "last_error": redactor.text(upstream.breaker.last_failure) or None,
+        "last_answer": wall_clock(upstream.last_answer) if upstream.last_answer else None,
+        "models": upstream.patterns,
+        "attempts": upstream.record.attempts,
+        "failures": upstream.record.failures,
+        "last_5_minutes": upstream.record.summary(5),
+        "last_60_minutes": upstream.record.summary(60),
+    }
+
+
+def upstream_names(upstreams: Sequence[Upstream]) -> str:
+    return ", ".join(u.name for u in upstreams)
 
 
 def wall_clock(unix: float) -> str:

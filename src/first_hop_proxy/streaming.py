@@ -24,7 +24,8 @@ from .errors import error_body
 from .exchange import ChatRequest, Exchange, failure_body, failure_response, note_failure
 from .headers import client_headers
 from .sse import DONE, comment, event_data, frame, parse_event
-from .upstream import TRANSPORT_ERRORS, Reply, describe_failure, open_stream
+from .upstream import TRANSPORT_ERRORS, Reply, failure, open_stream
+from .upstreams import Upstream
 
 STREAM_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -42,23 +43,16 @@ async def relay_stream(ex: Exchange, chat: ChatRequest) -> web.StreamResponse:
     ignore comments, and nothing in between times out. A failure after that
     commit can only be reported as an error event.
     """
-    state = ex.state
-    timeout = state.config.target_proxy.timeout
-    interval = state.config.error_handling.stream_keepalive_seconds
-    policy = state.policy
+    settings, session = ex.settings, ex.state.session
+    interval = settings.config.error_handling.stream_keepalive_seconds
+    policy = settings.policy
     max_attempts = most_attempts(
         policy.max_retries, policy.base_delay, policy.max_delay, policy.max_total_seconds
     )
 
-    def attempt() -> Awaitable[Reply]:
-        return open_stream(
-            state.session,
-            state.target_url,
-            chat.body,
-            chat.headers,
-            timeout,
-            state.policy.disguise_title,
-        )
+    def attempt(upstream: Upstream) -> Awaitable[Reply]:
+        body, headers = chat.for_upstream(upstream)
+        return open_stream(session, upstream, body, headers, policy.disguise_title)
 
     finder = asyncio.ensure_future(attempt_until_decided(ex, attempt))
     out: web.StreamResponse | None = None
@@ -75,6 +69,8 @@ async def relay_stream(ex: Exchange, chat: ChatRequest) -> web.StreamResponse:
                 problem = " ".join(ex.last_problem.split())  # a comment is one line
                 problem = problem[:60] + ("..." if len(problem) > 60 else "")
                 last = f", last error {ex.last_code}" + (f" ({problem})" if problem else "")
+                if settings.several and ex.upstream is not None:
+                    last += f", now at {ex.upstream.name}"
             n = ex.history.attempts
             # Empty and conditional retries have budgets of their own: never "5 of 3".
             doing = "retrying" if ex.last_code else "waiting for the first token"
@@ -145,14 +141,14 @@ async def pump(ex: Exchange, out: web.StreamResponse, reply: Reply) -> None:
     Events are parsed only when something needs their content: response
     rewrite rules, or the request log's record of the assembled text.
     """
-    state = ex.state
-    rewriting = state.rewriter.stream() if state.rewriter.has_response_rules else None
-    observing = state.request_log.enabled and state.config.logging.include_response_data
+    settings = ex.settings
+    rewriting = settings.rewriter.stream() if settings.rewriter.has_response_rules else None
+    observing = settings.request_log.enabled and settings.config.logging.include_response_data
     record = ex.record
     record.first_content = time.monotonic() - record.started_mono
     interrupted: bytes | None = None
     # A community proxy's error after content: a chunk whose finish_reason is its title.
-    disguises = state.policy.disguise_title is not None
+    disguises = settings.policy.disguise_title is not None
 
     async def emit(chunks: list[dict[str, Any]]) -> None:
         """Send chunks the reply rules produced (and keep their text for the log)."""
@@ -190,9 +186,8 @@ async def pump(ex: Exchange, out: web.StreamResponse, reply: Reply) -> None:
         transport = ex.request.transport
         if transport is None or transport.is_closing():
             raise  # the client left: nobody to tell
-        kind, message = describe_failure(
-            exc, ex.state.target_url, state.config.target_proxy.timeout
-        )
+        assert ex.upstream is not None  # the one whose stream this is
+        kind, message = failure(exc, ex.upstream)
         text = (
             f"The reply was cut off: {message} The text above is incomplete; regenerate to retry."
         )
@@ -224,7 +219,7 @@ def error_after_content(ex: Exchange, event: bytes) -> bytes | None:
     if payload is None:
         return None
     is_error = bool(payload.get("error")) and not payload.get("choices")
-    title = ex.state.policy.disguise_title
+    title = ex.settings.policy.disguise_title
     if not is_error and (
         title is None or disguised_error(payload, title=title, anywhere=False) is None
     ):
@@ -233,7 +228,7 @@ def error_after_content(ex: Exchange, event: bytes) -> bytes | None:
     decision = decide(
         Outcome(status=200, body=text, stream=True, stream_error_event=text, json=payload),
         ex.history,
-        ex.state.policy,
+        ex.settings.policy,
         now=time.time(),
     )
     ex.outcome_note = "stream ended with an error event after content"

@@ -12,7 +12,7 @@ import os
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -20,6 +20,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .dialects import Title, disguised_error
 from .sse import EventSplitter, event_data, parse_event
+
+if TYPE_CHECKING:
+    from .upstreams import Upstream
 
 EMPTY_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 
@@ -68,19 +71,25 @@ def host_of(url: str) -> str:
     return parts.netloc.rpartition("@")[2] or url
 
 
-def describe_failure(exc: BaseException, url: str, timeout: float) -> tuple[str, str]:
-    """Turn a transport exception into (kind, a sentence a person can act on)."""
+def describe_failure(
+    exc: BaseException, url: str, timeout: float, setting: str = "target_proxy"
+) -> tuple[str, str]:
+    """Turn a transport exception into (kind, a sentence a person can act on).
+
+    ``setting`` is where the upstream is configured (``target_proxy`` or
+    ``upstreams[name]``), so the sentence names the key to change.
+    """
     host = host_of(url)
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return "timeout", f"Could not connect to the upstream at {host} in time (connect timeout)."
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return "timeout", (
             f"The upstream at {host} sent nothing for {timeout:g} s "
-            "(target_proxy.timeout); it may be overloaded or hung."
+            f"({setting}.timeout); it may be overloaded or hung."
         )
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
         return "connection_error", (
-            f"Could not resolve the upstream host {host}: check target_proxy.url "
+            f"Could not resolve the upstream host {host}: check {setting}.url "
             "and your internet connection."
         )
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
@@ -90,7 +99,7 @@ def describe_failure(exc: BaseException, url: str, timeout: float) -> tuple[str,
         cause = os.strerror(errno).lower() if errno else str(exc.os_error)
         return "connection_error", (
             f"Could not connect to the upstream at {host}: {cause}. "
-            "Check target_proxy.url and that the upstream is running."
+            f"Check {setting}.url and that the upstream is running."
         )
     if isinstance(exc, aiohttp.ClientPayloadError):
         return "cut_short", f"The upstream at {host} cut its reply short: {exc}."
@@ -104,20 +113,26 @@ def describe_failure(exc: BaseException, url: str, timeout: float) -> tuple[str,
 TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
+def failure(exc: BaseException, upstream: Upstream) -> tuple[str, str]:
+    """:func:`describe_failure` for one of the configured upstreams."""
+    return describe_failure(exc, upstream.url, upstream.read_timeout, upstream.setting)
+
+
 async def fetch(
     session: aiohttp.ClientSession,
-    url: str,
+    upstream: Upstream,
     body: bytes,
     headers: Mapping[str, str],
-    timeout: float,
 ) -> Reply:
     """A non-streaming attempt: the whole reply, or the failure."""
     try:
-        async with session.post(url, data=body, headers=headers) as resp:
+        async with session.post(
+            upstream.url, data=body, headers=headers, timeout=upstream.timeout
+        ) as resp:
             data = await resp.read()
             return Reply(status=resp.status, headers=resp.headers, body=data)
     except TRANSPORT_ERRORS as exc:
-        kind, message = describe_failure(exc, url, timeout)
+        kind, message = failure(exc, upstream)
         return Reply(error=kind, message=message)
 
 
@@ -151,10 +166,9 @@ def inspect_chunk(payload: Any) -> tuple[bool, bool, str | None]:
 
 async def open_stream(
     session: aiohttp.ClientSession,
-    url: str,
+    upstream: Upstream,
     body: bytes,
     headers: Mapping[str, str],
-    timeout: float,
     disguise: Title | None = None,
 ) -> Reply:
     """A streaming attempt, read up to its first content.
@@ -164,9 +178,11 @@ async def open_stream(
     response and the events read so far; the caller relays them and the rest.
     """
     try:
-        resp = await session.post(url, data=body, headers=headers)
+        resp = await session.post(
+            upstream.url, data=body, headers=headers, timeout=upstream.timeout
+        )
     except TRANSPORT_ERRORS as exc:
-        kind, message = describe_failure(exc, url, timeout)
+        kind, message = failure(exc, upstream)
         return Reply(error=kind, message=message)
     reply = Reply(status=resp.status, headers=resp.headers)
     try:
@@ -186,7 +202,7 @@ async def open_stream(
             return reply
     except TRANSPORT_ERRORS as exc:
         resp.close()
-        reply.error, reply.message = describe_failure(exc, url, timeout)
+        reply.error, reply.message = failure(exc, upstream)
         return reply
     except BaseException:
         resp.close()
