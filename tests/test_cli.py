@@ -16,6 +16,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
+import yaml
 
 from first_hop_proxy.server import GC_THRESHOLDS, tune_gc
 
@@ -396,3 +397,31 @@ def test_tune_gc_freezes_start_up_objects_and_collects_less_often() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_check_config_lists_the_upstreams_with_keys_masked(tmp_path: Path) -> None:
+    write_config(
+        tmp_path / "config.yaml",
+        """
+upstreams:
+  - name: community
+    url: https://a.example/v1/chat/completions?key=sk-query-secret-123456
+    headers: {Authorization: "Bearer sk-community-0123456789abcdef"}
+  - name: community
+    url: https://b.example/v1/chat/completions
+    headers: {x-api-key: "paid-key-0123456789abcdef"}
+    models: ["gpt-*"]
+    model_map: {opus: claude-3-opus}
+""",
+    )
+    result = run(["check-config"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout + result.stderr
+    for secret in ("sk-community-0123456789abcdef", "paid-key-0123456789abcdef", "sk-query"):
+        assert secret not in out
+    data = yaml.safe_load(result.stdout.split("\n", 1)[1])
+    assert [u["name"] for u in data["upstreams"]] == ["community", "community"]
+    assert data["upstreams"][0]["headers"]["Authorization"] == "Bearer ***cdef"
+    assert data["upstreams"][0]["url"].endswith("?key=***")
+    assert "upstreams[1].name: 'community' is also the name of upstreams[0]" in result.stderr
+    assert "upstreams[1].model_map: 'opus' is mapped but not" in result.stderr
