@@ -35,7 +35,7 @@ async def logs(tmp_path: Path) -> AsyncIterator[Logs]:
     request_log = RequestLog(Logging(folder=str(tmp_path / "logs")), writer)
     error_log = ErrorLog(ErrorLogging(folder=str(tmp_path / "logs" / "errors")), writer)
     app = web.Application()
-    add_log_routes(app, request_log, error_log)
+    add_log_routes(app, lambda: (request_log, error_log))
     client = TestClient(TestServer(app, host="127.0.0.1", port=0))
     await client.start_server()
     yield Logs(client, writer, request_log, error_log, tmp_path / "logs")

@@ -91,7 +91,7 @@ def create_app(loaded: LoadedConfig) -> web.Application:
     app[STATE] = state
     app.on_response_prepare.append(add_response_headers)
     add_routes(app)
-    add_log_routes(app, state.request_log, state.error_log)
+    add_log_routes(app, lambda: (state.request_log, state.error_log))
     if loaded.demo:
         add_demo_routes(app)
 

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,11 +113,7 @@ def load_or_report(
 
     ``log_errors``: also write the problems to a ``config_error`` error log.
     """
-    env = dict(os.environ)
-    if host is not None:
-        env["FHP_HOST"] = host
-    if port is not None:
-        env["FHP_PORT"] = str(port)
+    env = config_env(host, port)
     try:
         return load_config(path, env)
     except ConfigError as exc:
@@ -131,6 +127,16 @@ def load_or_report(
             if written is not None:
                 print(f"  (logged to {written})", file=sys.stderr)
         return None
+
+
+def config_env(host: str | None = None, port: int | None = None) -> dict[str, str]:
+    """The environment a config is loaded with: ``--host``/``--port`` win over everything."""
+    env = dict(os.environ)
+    if host is not None:
+        env["FHP_HOST"] = host
+    if port is not None:
+        env["FHP_PORT"] = str(port)
+    return env
 
 
 def record_config_error(path: Path, exc: ConfigError) -> Path | None:
@@ -177,15 +183,22 @@ def serve(path: Path | None, host: str | None, port: int | None) -> int:
     loaded = load_or_report(path, host, port, log_errors=True)
     if loaded is None:
         return 1
+    env = config_env(host, port)
+    watched = loaded.path or path or default_config_path(env)
     host, port = loaded.config.server.host, loaded.config.server.port
     handler = console.setup(loaded.config.server.debug)
     try:
-        return run_server(loaded, host, port)
+        return run_server(loaded, host, port, (watched, lambda: load_config(watched, env)))
     finally:
         handler.close()
 
 
-def run_server(loaded: LoadedConfig, host: str, port: int) -> int:
+def run_server(
+    loaded: LoadedConfig,
+    host: str,
+    port: int,
+    reload: tuple[Path, Callable[[], LoadedConfig]] | None = None,
+) -> int:
     for warning in loaded.warnings:
         log.warning("config: %s", warning)
 
@@ -196,7 +209,7 @@ def run_server(loaded: LoadedConfig, host: str, port: int) -> int:
         log.info("SillyTavern: set the API URL to %s/v1", running.url)
 
     try:
-        asyncio.run(serve_forever(loaded, host, port, on_ready=ready))
+        asyncio.run(serve_forever(loaded, host, port, on_ready=ready, reload=reload))
     except OSError as exc:
         log.error(
             "cannot listen on %s:%s: %s (is another proxy already running there? "

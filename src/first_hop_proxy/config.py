@@ -315,6 +315,7 @@ class Server(Section):
     allowed_hosts: list[str] = Field(default_factory=list)
     max_body_mb: Positive = 50
     shutdown_grace_seconds: NonNegative = 30
+    reload_on_change: bool = True
 
 
 class Logging(Section):

@@ -12,6 +12,7 @@ import asyncio
 import os
 import re
 import stat
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -90,11 +91,19 @@ def _text_response(content: bytes) -> web.Response:
 
 
 class LogViews:
-    """The four log endpoints, bound to the running proxy's logs."""
+    """The four log endpoints, reading the running proxy's current logs (a reload that
+    changes a log's settings gives it a new one)."""
 
-    def __init__(self, request_log: RequestLog, error_log: ErrorLog) -> None:
-        self.request_log = request_log
-        self.error_log = error_log
+    def __init__(self, logs: Callable[[], tuple[RequestLog, ErrorLog]]) -> None:
+        self._logs = logs
+
+    @property
+    def request_log(self) -> RequestLog:
+        return self._logs()[0]
+
+    @property
+    def error_log(self) -> ErrorLog:
+        return self._logs()[1]
 
     async def errors(self, request: web.Request) -> web.Response:
         """``GET /logs/errors``: what happened since start-up (counted in memory) and
@@ -163,9 +172,9 @@ class LogViews:
         return _text_response(content)
 
 
-def add_log_routes(app: web.Application, request_log: RequestLog, error_log: ErrorLog) -> None:
+def add_log_routes(app: web.Application, logs: Callable[[], tuple[RequestLog, ErrorLog]]) -> None:
     """Register ``GET /logs/errors[/{name}]`` and ``GET /logs/requests[/{request_id}]``."""
-    views = LogViews(request_log, error_log)
+    views = LogViews(logs)
     app.router.add_get("/logs/errors", views.errors)
     app.router.add_get("/logs/errors/{name}", views.error_file)
     app.router.add_get("/logs/requests", views.requests)

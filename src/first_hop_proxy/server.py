@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 
 from .app import create_app
 from .config import LoadedConfig
 from .demo import DEMO_PATH
+from .reload import Reloader
 from .state import STATE
 
 # A burst of hundreds of SillyTavern connections must not overflow the listen queue.
@@ -79,9 +83,17 @@ async def start(
 
 
 async def serve_forever(
-    loaded: LoadedConfig, host: str | None, port: int | None, on_ready: object = None
+    loaded: LoadedConfig,
+    host: str | None,
+    port: int | None,
+    on_ready: object = None,
+    reload: tuple[Path, Callable[[], LoadedConfig]] | None = None,
 ) -> None:
-    """Serve until SIGINT or SIGTERM, then shut down gracefully."""
+    """Serve until SIGINT or SIGTERM, then shut down gracefully.
+
+    ``reload``: the config file to watch and how to load it; it is loaded
+    again when it changes (``server.reload_on_change``) and on SIGHUP.
+    """
     running = await start(loaded, host, port)
     tune_gc()
     if callable(on_ready):
@@ -93,7 +105,20 @@ async def serve_forever(
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # Windows
             signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop.set))
+    watcher: asyncio.Task[None] | None = None
+    if reload is not None:
+        reloader = Reloader(running.runner.app[STATE], *reload)
+        hangup = getattr(signal, "SIGHUP", None)
+        if hangup is not None:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(hangup, reloader.reload, "SIGHUP")
+        if loaded.config.server.reload_on_change:
+            watcher = asyncio.ensure_future(reloader.watch(stop))
     try:
         await stop.wait()
     finally:
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(BaseException):
+                await watcher
         await running.close()
