@@ -61,6 +61,8 @@ class Exchange:
     record: RequestRecord
     chat: ChatRequest | None = None
     upstream: Upstream | None = None  # the one being tried, or that delivered
+    #: The pool key in use, by its last 4 characters (``...x7Qa``); "" without a key pool.
+    key_label: str = ""
     #: What each upstream tried said last (name -> one line), for the final error.
     tried: dict[str, str] = field(default_factory=dict)
     history: History = field(default_factory=History)
