@@ -19,6 +19,7 @@ from first_hop_proxy.server import RunningServer
 
 from .conftest import StartProxy, chat_body, wait_until
 from .fake_upstream import FakeUpstream, Hang, Json, Reset, completion
+from .log_helpers import settle
 
 CHAT = "/v1/chat/completions"
 
@@ -247,7 +248,7 @@ async def test_recategorization_is_logged(
     answer = await ask(client, proxy)
     assert answer.status == 200 and upstream.calls == 2
     folder = tmp_path / "logs" / "errors"
-    await wait_until(lambda: list(folder.glob("recategorized_*.log")), 2)
+    await settle(proxy)
     files = list(folder.glob("recategorized_*.log"))
     assert files, list(folder.iterdir()) if folder.exists() else "no error log folder"
     text = files[0].read_text()

@@ -15,8 +15,9 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from .breaker import RETRY, Permit
-from .decisions import Action, Decision, Outcome, circuit_open, decide, failure_summary
+from .decisions import Action, Decision, Outcome, circuit_open, decide, failure_summary, no_key
 from .exchange import Exchange
+from .keys import Key, Step
 from .request_log import AttemptRecord
 from .routing import Route, failover_cause
 from .upstream import Reply
@@ -26,7 +27,7 @@ log = logging.getLogger("first_hop_proxy")
 
 DEBUG_TEXT = 300  # characters of upstream text in a debug line
 
-Attempt = Callable[[Upstream], Awaitable[Reply]]
+Attempt = Callable[[Upstream, Key | None], Awaitable[Reply]]
 
 
 def outcome_of(reply: Reply, stream: bool) -> Outcome:
@@ -85,10 +86,26 @@ async def attempt_until_decided(ex: Exchange, attempt: Attempt) -> tuple[Decisio
                 ex.error_event("circuit_open", "CircuitOpen", decision.reason, status_code=503)
                 return decision, None
             admitted.add(upstream.name)
+        pool, key = upstream.keys, None
+        if pool is not None:
+            key = pool.pick(time.time())
+            if key is None:
+                blocked = pool.blocked(time.time())
+                if blocked.kind == "cooling" and fits(ex, blocked.wait):
+                    await asyncio.sleep(blocked.wait)  # the soonest key; no other is ready
+                    continue
+                decision = no_key(blocked.kind, blocked.wait, blocked.message)
+                ex.tried[upstream.name] = blocked.message
+                why = "fail_code" if blocked.kind == "refused" else "retries_exhausted"
+                if why in routing.failover_on and route.next_untried():
+                    continue
+                ex.error_event("no_key", "NoKeyReady", blocked.message, status_code=503)
+                return decision, None
+            ex.key_label = key.label
         began = time.monotonic()
         ex.calls += 1
         try:
-            reply = await attempt(upstream)
+            reply = await attempt(upstream, key)
         except BaseException:
             breaker.release(time.monotonic(), permit)
             raise
@@ -103,7 +120,24 @@ async def attempt_until_decided(ex: Exchange, attempt: Attempt) -> tuple[Decisio
         note_outcome(ex, upstream, permit, decision, duration)
         note_attempt(ex, reply, decision, duration)
         if decision.action is Action.DELIVER:
+            if pool is not None and key is not None:
+                pool.record(key, decision, time.time())
             return decision, reply
+        if pool is not None and key is not None:
+            step = pool.record(key, decision, time.time())
+            if step is Step.NEXT_KEY:
+                if pool.has_ready(time.time()):  # the same request at once, with another key
+                    reply.close()
+                    ex.history = ex.history.after(decision)
+                    continue
+                if decision.action is not Action.RETRY:  # that was the last ready key
+                    blocked = pool.blocked(time.time())
+                    decision = no_key(blocked.kind, blocked.wait, blocked.message)
+                    ex.tried[upstream.name] = blocked.message
+        if switch_json_mode(ex, upstream, reply, decision):
+            reply.close()
+            ex.history = ex.history.moved_on()
+            continue
         failures[upstream.name] += decision.action is Action.RETRY
         cause = failover_cause(decision, failures[upstream.name], routing.retries_per_upstream)
         moving = cause is not None and cause in routing.failover_on and route.alternatives
@@ -121,6 +155,56 @@ async def attempt_until_decided(ex: Exchange, attempt: Attempt) -> tuple[Decisio
         await asyncio.sleep(decision.delay)
         # Logged once taken: a wait cut short by the client leaving was not a delay.
         ex.record.attempts[-1].delay_before_next = decision.delay
+
+
+def fits(ex: Exchange, wait: float) -> bool:
+    """Whether waiting ``wait`` seconds stays within max_delay and the time budget."""
+    policy = ex.settings.policy
+    limit = policy.max_total_seconds
+    return wait <= policy.max_delay and (limit is None or ex.elapsed() + wait <= limit)
+
+
+def is_cdn_timeout(reply: Reply) -> bool:
+    """A CDN (or proxy) in front of the upstream gave up waiting for a slow reply:
+    Cloudflare's 524 page, or a 504 HTML page."""
+    if reply.status == 524:
+        return True
+    kind = reply.headers.get("Content-Type", "")
+    return reply.status == 504 and "html" in kind.lower()
+
+
+def switch_json_mode(ex: Exchange, upstream: Upstream, reply: Reply, decision: Decision) -> bool:
+    """For a JSON request: whether to send it again at once, switched between JSON and a
+    stream assembled into JSON (``stream_upstream``), and remember the switch."""
+    chat = ex.chat
+    if chat is None or chat.stream:
+        return False
+    model = chat.model
+    if reply.assembled:
+        refused = reply.status is not None and 400 <= reply.status < 500
+        if refused and b"stream" in reply.body.lower():
+            upstream.json_only.add(model)  # this upstream or model does not stream
+            log.warning(
+                "upstream %s refused a stream for %s; its JSON requests for it go as JSON",
+                upstream.name,
+                model or "this model",
+            )
+            return True
+        return False
+    if upstream.stream_mode != "auto" or upstream.streams_json(model):
+        return False
+    if is_cdn_timeout(reply) or "streaming required" in decision.upstream_message.lower():
+        if model in upstream.json_only:
+            return False
+        upstream.streaming_json = True
+        log.warning(
+            "upstream %s: a JSON reply was cut by the CDN in front of it (or it asked for "
+            "streaming); from now on JSON requests to it go upstream as streams and are "
+            "assembled into one JSON reply",
+            upstream.name,
+        )
+        return True
+    return False
 
 
 def note_outcome(

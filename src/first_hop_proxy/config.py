@@ -148,20 +148,38 @@ class MessageRule(RewriteRule):
         return frozenset([self.apply_to] if isinstance(self.apply_to, str) else self.apply_to)
 
 
-class TargetProxy(Section):
+KeyStrategy = Literal["round_robin", "fill_first"]
+StreamUpstream = Literal["auto", "always", "never"]
+#: The headers a key can travel in; the pool replaces the client's key in all of them.
+KEY_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "api-key")
+
+
+class KeyPool(Section):
+    """A pool of keys for one upstream (``keys``), each request using one of them."""
+
+    keys: list[str] = Field(default_factory=list)
+    #: Authorization: sent as "Bearer <key>"; any other header: the key as it is.
+    key_header: str = "Authorization"
+    key_strategy: KeyStrategy = "round_robin"
+
+
+class TargetProxy(KeyPool):
     """The one upstream of a simple config, and the defaults of every ``upstreams`` entry."""
 
     url: str = ""
     headers: dict[str, str] = Field(default_factory=dict)
     timeout: Positive = 30
     connect_timeout: Positive = 10
+    #: JSON requests sent upstream as streams and assembled: when a CDN cuts a slow reply
+    #: (auto), always, or never.
+    stream_upstream: StreamUpstream = "auto"
 
 
 #: The name of the upstream that ``target_proxy`` alone stands for.
 DEFAULT_UPSTREAM = "default"
 
 
-class Upstream(Section):
+class Upstream(KeyPool):
     """One entry of ``upstreams``: where to send, and which models it serves."""
 
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][\w.-]*$")]
@@ -174,6 +192,7 @@ class Upstream(Section):
     models: list[str] | None = None
     #: Our model name -> the name this upstream knows it by.
     model_map: dict[str, str] = Field(default_factory=dict)
+    stream_upstream: StreamUpstream | None = None
 
 
 FailoverOn = Literal[
@@ -294,6 +313,7 @@ class ErrorHandling(Section):
     conditional_retry_max_attempts: Annotated[int, Field(ge=0)] = 2
     conditional_retry_delay_multiplier: NonNegative = 0.5
     max_total_seconds: Positive | None = 60
+    quota_cooldown_seconds: Positive = 3600
     exhausted_429_status: StatusCode = 503
     stream_keepalive_seconds: Positive = 10
     hard_stop_conditions: HardStopConditions = Field(default_factory=HardStopConditions)
@@ -446,13 +466,27 @@ def parse_config(
 
 
 def _upstream_problems(config: Config) -> list[str]:
-    if config.upstreams and config.target_proxy.url:
-        return [
+    problems = []
+    if config.upstreams and (config.target_proxy.url or config.target_proxy.keys):
+        problems.append(
             "target_proxy.url: both target_proxy.url and upstreams are set; use one. Move "
-            "target_proxy.url (and its headers) into upstreams as an entry, or remove "
+            "target_proxy.url (and its headers and keys) into upstreams as an entry, or remove "
             "upstreams (target_proxy's timeouts may stay: they are the entries' defaults)"
-        ]
-    return []
+        )
+    pools: list[tuple[str, TargetProxy | Upstream]] = [("target_proxy", config.target_proxy)]
+    pools += [(f"upstreams[{i}]", entry) for i, entry in enumerate(config.upstreams)]
+    for where, pool in pools:
+        if not pool.keys:
+            continue
+        named = {pool.key_header.lower(), *KEY_HEADERS}
+        clash = [h for h, v in pool.headers.items() if h.lower() in named and not is_empty_value(v)]
+        if clash:
+            problems.append(
+                f"{where}.keys: a key pool and a key in {where}.headers ({clash[0]}) are both "
+                f"set; each request uses one key of the pool, sent in {pool.key_header}: remove "
+                f"{clash[0]} from headers, or remove keys"
+            )
+    return problems
 
 
 def _resolve_upstreams(config: Config) -> Config:
@@ -461,12 +495,23 @@ def _resolve_upstreams(config: Config) -> Config:
     target = config.target_proxy
     entries = config.upstreams
     if not entries and target.url:
-        entries = [Upstream(name=DEFAULT_UPSTREAM, url=target.url, headers=dict(target.headers))]
+        entries = [
+            Upstream(
+                name=DEFAULT_UPSTREAM,
+                url=target.url,
+                headers=dict(target.headers),
+                keys=list(target.keys),
+                key_header=target.key_header,
+                key_strategy=target.key_strategy,
+            )
+        ]
     resolved = [
         entry.model_copy(
             update={
                 "timeout": entry.timeout or target.timeout,
                 "connect_timeout": entry.connect_timeout or target.connect_timeout,
+                "stream_upstream": entry.stream_upstream or target.stream_upstream,
+                "keys": [key.strip() for key in entry.keys if key.strip()],
             }
         )
         for entry in entries
@@ -583,7 +628,7 @@ def _unknown_keys(model: type[Section], data: Any, path: str) -> list[str]:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             warnings.append(f"{key_path}: unknown key, ignored{hint}")
             continue
-        if model in (TargetProxy, Upstream) and key in ("headers", "model_map"):
+        if model in (TargetProxy, Upstream) and key in ("headers", "model_map", "keys"):
             continue
         sub = _model_of(fields[key].annotation)
         if sub is None:

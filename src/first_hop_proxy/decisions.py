@@ -37,6 +37,14 @@ import regex  # type: ignore[import-untyped, unused-ignore]
 from first_hop_proxy.backoff import delay_for, retry_after_from_headers
 from first_hop_proxy.config import Config, HardStopRule, RecategorizationRule
 from first_hop_proxy.dialects import Disguised, Title, disguised_error
+from first_hop_proxy.quotas import (
+    body_retry_delay,
+    daily_quota,
+    is_google_quota,
+    next_pacific_midnight,
+    provider_detail,
+    unwrap,
+)
 
 Budget = Literal["retry", "conditional", "empty"]
 ErrorType = Literal[
@@ -47,9 +55,11 @@ ErrorType = Literal[
     "empty_response",
     "hard_stop_error",
     "circuit_open",
+    "quota_exhausted",
+    "no_key",
 ]
 TransportError = Literal["connection_error", "timeout", "cut_short", "invalid_json"]
-GiveUp = Literal["retries_exhausted", "time_budget", "retry_after_too_long"]
+GiveUp = Literal["retries_exhausted", "time_budget", "retry_after_too_long", "no_key"]
 PathPart = str | int
 JsonPath = tuple[PathPart, ...]
 
@@ -196,6 +206,8 @@ class Decision:
     gave_up: GiveUp | None = None
     original_response: str = ""
     count: int = 0
+    #: A daily quota said to be used up (its id, or the words that said so).
+    quota: str | None = None
 
     @property
     def counts_as_success(self) -> bool:
@@ -248,6 +260,8 @@ class Policy:
     empty_deliver_last: bool = False
     #: The title pattern of errors sent as replies; None when that check is off.
     disguise_title: Title | None = None
+    #: How long an upstream's daily quota is taken to be out when it does not say.
+    quota_cooldown: float = 3600.0
 
     @classmethod
     def from_config(cls, config: Config) -> Policy:
@@ -302,6 +316,7 @@ class Policy:
             disguise_title=(
                 Title(disguised.title_pattern) if rp.enabled and disguised.enabled else None
             ),
+            quota_cooldown=float(eh.quota_cooldown_seconds),
         )
 
     def recategorizations_for(self, status: int) -> tuple[_Recategorization, ...]:
@@ -400,6 +415,9 @@ def upstream_message(doc: Any, text: str) -> str:
         if isinstance(error, dict):
             message = error.get("message")
             if isinstance(message, str) and message.strip():
+                detail = provider_detail(doc)  # OpenRouter: the provider's own words
+                if detail and detail not in message:
+                    message = f"{message.rstrip('. ')} ({detail})"
                 return _trim(message)
         elif isinstance(error, str) and error.strip():
             return _trim(error)
@@ -528,11 +546,11 @@ class _Judge:
         o = self.outcome
         if o.stream:
             if o.stream_error_event is not None:
-                return _parse(o.stream_error_event)
+                return unwrap(_parse(o.stream_error_event))
             if o.status is not None and not 200 <= o.status < 300 and o.body:
-                return _parse(o.body)
+                return unwrap(_parse(o.body))
             return _NOT_JSON
-        return _parse(o.body) if o.body.strip() else _NOT_JSON
+        return unwrap(_parse(o.body)) if o.body.strip() else _NOT_JSON
 
     def message(self) -> str:
         """What the upstream said, for the person: its error event, its error
@@ -717,6 +735,12 @@ class _Judge:
     def by_status(self, status: int, note: str = "") -> Decision:
         p, h = self.policy, self.history
         self.retry_after = retry_after_from_headers(self.outcome.headers, self.now)
+        if self.retry_after is None and status >= 400:
+            self.retry_after = body_retry_delay(self.doc, self.outcome.body)
+        if status == 429:
+            quota = daily_quota(self.doc, self.outcome.body)
+            if quota is not None:
+                return self.quota_exhausted(quota, note)
         error_type = _status_error_type(status)
         # For the breaker: a server error, or a status this config treats as
         # transient; a status that fails at once says nothing about health.
@@ -773,6 +797,24 @@ class _Judge:
             status,
             error_type,
             counts_as_failure=failure,
+        )
+
+    # rule 5, a 429 that says its daily quota is used up: no retry can help today
+    def quota_exhausted(self, quota: str, note: str) -> Decision:
+        p = self.policy
+        if self.now is not None and is_google_quota(self.doc):
+            wait = next_pacific_midnight(self.now) - self.now
+            when = "at midnight Pacific time"
+        else:
+            wait, when = p.quota_cooldown, "(when is not said; tried again after quota_cooldown)"
+        return self.make(
+            Action.FAIL,
+            f"429{note} says a daily quota ({quota}) is used up: it resets {when}, "
+            f"in {wait / 3600:.1f} h; not retrying",
+            429,
+            "quota_exhausted",
+            quota=quota,
+            retry_after=wait,
         )
 
     # rule 8
@@ -882,6 +924,29 @@ def circuit_open(retry_in: float, failures: int, last_message: str = "") -> Deci
     )
 
 
+#: Why no key of a pool is ready -> (status, the error's code).
+NO_KEY: Final = {
+    "refused": (401, "keys_refused"),
+    "out": (429, "daily_quota_exhausted"),
+    "cooling": (429, "keys_rate_limited"),
+}
+
+
+def no_key(kind: str, wait: float, message: str) -> Decision:
+    """The FAIL decision for a request whose upstream has no key ready (``keys.Blocked``)."""
+    status, _ = NO_KEY[kind]
+    return Decision(
+        action=Action.FAIL,
+        reason=message,
+        status=status,
+        client_status=status if status != 429 else 503,
+        error_type="no_key",
+        retry_after=wait if kind != "refused" else None,
+        gave_up="no_key",
+        quota="every key" if kind == "out" else None,
+    )
+
+
 def failure_summary(d: Decision) -> str:
     """A failed attempt in one line (``503 Service Unavailable: <what it said>``): the
     circuit breaker keeps the last one, to tell the next person why it opened."""
@@ -913,6 +978,17 @@ def _over(attempts: int, elapsed: float) -> str:
 def _clip(text: str) -> str:
     text = text.rstrip(".")
     return text if len(text) <= TRIED_LIMIT else text[: TRIED_LIMIT - 1].rstrip() + "…"
+
+
+def _duration(seconds: float) -> str:
+    """``7 h 12 min``, ``12 min``, ``40 s``: a wait a person can picture."""
+    seconds = max(0, math.ceil(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    hours, minutes = divmod(math.ceil(seconds / 60), 60)
+    if hours:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    return f"{minutes} min"
 
 
 def _seconds(value: float) -> str:
@@ -971,6 +1047,7 @@ def error_body(
             f"it asks to wait {_seconds(d.retry_after or 0.0)} before trying again, longer "
             f"than error_handling.max_delay allows; stopped after {tries}"
         ),
+        "no_key": "",
     }
     ending = stopped[d.gave_up] if d.gave_up is not None else ""
     code: str
@@ -981,6 +1058,16 @@ def error_body(
             f"The upstream failed {d.count} times in a row, so the proxy is giving it time to "
             f"recover: it sends the next request to it in {wait}. Try again in {wait}."
         )
+    elif d.error_type == "quota_exhausted":
+        code = "daily_quota_exhausted"
+        message = (
+            f"The upstream says its daily quota is used up ({d.quota}): retrying cannot help "
+            f"until it resets, in about {_duration(d.retry_after or 0)}."
+        )
+    elif d.error_type == "no_key":
+        code = {401: "keys_refused"}.get(d.status, "keys_rate_limited")
+        code = "daily_quota_exhausted" if d.quota is not None else code
+        message = d.reason
     elif d.error_type == "empty_response":
         code = "empty_response"
         finish = f" (finish reason: {d.finish_reason})" if d.finish_reason else ""

@@ -14,6 +14,7 @@ from multidict import CIMultiDict
 from .decisions import Decision, History, error_body
 from .error_log import ErrorEvent
 from .headers import add_configured
+from .keys import Key
 from .redact import Redactor, header_secrets
 from .request_log import RequestRecord
 from .rewrite import RuleTimeout
@@ -36,18 +37,37 @@ class ChatRequest:
     headers: CIMultiDict[str]
     stream: bool
     model: str
-    _prepared: dict[str, tuple[bytes, CIMultiDict[str]]] = field(default_factory=dict)
+    _prepared: dict[tuple[str, str, bool], tuple[bytes, CIMultiDict[str]]] = field(
+        default_factory=dict
+    )
 
-    def for_upstream(self, upstream: Upstream) -> tuple[bytes, CIMultiDict[str]]:
-        """The body and headers to send to ``upstream`` (worked out once per upstream)."""
-        prepared = self._prepared.get(upstream.name)
+    def for_upstream(
+        self, upstream: Upstream, key: Key | None = None, *, as_stream: bool = False
+    ) -> tuple[bytes, CIMultiDict[str]]:
+        """The body and headers to send to ``upstream``: its own model name, its
+        configured headers, the pool ``key`` in place of the client's, and
+        ``"stream": true`` for a JSON request it streams (worked out once each)."""
+        slot = (upstream.name, key.label if key is not None else "", as_stream)
+        prepared = self._prepared.get(slot)
         if prepared is None:
             body = self.body
+            changes: dict[str, Any] = {}
             theirs = upstream.model_for(self.model)
             if theirs != self.model:
-                body = orjson.dumps({**self.payload, "model": theirs})
-            prepared = body, add_configured(self.headers, upstream.headers)
-            self._prepared[upstream.name] = prepared
+                changes["model"] = theirs
+            if as_stream:
+                changes["stream"] = True
+            if changes:
+                body = orjson.dumps({**self.payload, **changes})
+            headers = add_configured(self.headers, upstream.headers)
+            if key is not None and upstream.keys is not None:
+                drop, name, value = upstream.keys.headers(key)
+                headers = headers.copy()
+                for header in drop:
+                    headers.popall(header, None)
+                headers[name] = value
+            prepared = body, headers
+            self._prepared[slot] = prepared
         return prepared
 
 

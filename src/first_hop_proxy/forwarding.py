@@ -21,10 +21,11 @@ from .decisions import Action
 from .errors import error_response
 from .exchange import ChatRequest, Exchange, failure_response
 from .headers import client_headers, forwardable
+from .keys import Key
 from .request_log import RequestRecord
 from .state import REQUEST_ID, STATE
 from .streaming import relay_stream
-from .upstream import Reply, fetch
+from .upstream import Reply, fetch, fetch_assembled
 from .upstreams import Upstream
 
 log = logging.getLogger("first_hop_proxy")
@@ -176,8 +177,11 @@ def finish(ex: Exchange, status: int) -> None:
 async def relay_json(ex: Exchange, chat: ChatRequest) -> web.StreamResponse:
     session, rewriter = ex.state.session, ex.settings.rewriter
 
-    def attempt(upstream: Upstream) -> Awaitable[Reply]:
-        body, headers = chat.for_upstream(upstream)
+    def attempt(upstream: Upstream, key: Key | None) -> Awaitable[Reply]:
+        if upstream.streams_json(chat.model):  # stream_upstream: assembled into one reply
+            body, headers = chat.for_upstream(upstream, key, as_stream=True)
+            return fetch_assembled(session, upstream, body, headers)
+        body, headers = chat.for_upstream(upstream, key)
         return fetch(session, upstream, body, headers)
 
     decision, reply = await attempt_until_decided(ex, attempt)

@@ -77,7 +77,7 @@ class Settings:
         if loaded.demo:  # the built-in demo upstream; the server sets its URL when it listens
             demo_url = previous.upstreams[0].url if previous and previous.loaded.demo else ""
             upstreams = [UpstreamConfig(name="demo", url=demo_url or "http://127.0.0.1:1/")]
-        secrets = [s for u in config.upstreams for s in header_secrets(u.headers)]
+        secrets = [s for u in config.upstreams for s in [*header_secrets(u.headers), *u.keys]]
         redactor = Redactor([*secrets, *header_secrets(config.target_proxy.headers)])
         old = previous.upstreams if previous is not None else ()
         request_log = error_log = None
@@ -277,7 +277,22 @@ def upstream_status(upstream: Upstream, redactor: Redactor) -> dict[str, Any]:
         "failures": upstream.record.failures,
         "last_5_minutes": upstream.record.summary(5),
         "last_60_minutes": upstream.record.summary(60),
+        "keys": key_status(upstream, redactor),
+        "streams_json_requests": upstream.streams_json(""),
     }
+
+
+def key_status(upstream: Upstream, redactor: Redactor) -> list[dict[str, Any]] | None:
+    """The upstream's keys by their last four characters, their state and until when."""
+    if upstream.keys is None:
+        return None
+    keys = upstream.keys.snapshot(time.time())
+    for key in keys:
+        if key["until"] is not None:
+            key["until"] = wall_clock(key["until"])
+        if key["reason"]:
+            key["reason"] = redactor.text(key["reason"])
+    return keys
 
 
 def upstream_names(upstreams: Sequence[Upstream]) -> str:

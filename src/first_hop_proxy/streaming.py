@@ -23,6 +23,7 @@ from .dialects import disguised_error
 from .errors import error_body
 from .exchange import ChatRequest, Exchange, failure_body, failure_response, note_failure
 from .headers import client_headers
+from .keys import Key
 from .sse import DONE, comment, event_data, frame, parse_event
 from .upstream import TRANSPORT_ERRORS, Reply, failure, open_stream
 from .upstreams import Upstream
@@ -50,8 +51,8 @@ async def relay_stream(ex: Exchange, chat: ChatRequest) -> web.StreamResponse:
         policy.max_retries, policy.base_delay, policy.max_delay, policy.max_total_seconds
     )
 
-    def attempt(upstream: Upstream) -> Awaitable[Reply]:
-        body, headers = chat.for_upstream(upstream)
+    def attempt(upstream: Upstream, key: Key | None) -> Awaitable[Reply]:
+        body, headers = chat.for_upstream(upstream, key)
         return open_stream(session, upstream, body, headers, policy.disguise_title)
 
     finder = asyncio.ensure_future(attempt_until_decided(ex, attempt))

@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .assemble import Assembler
 from .dialects import Title, disguised_error
 from .sse import EventSplitter, event_data, parse_event
 
@@ -44,6 +46,8 @@ class Reply:
     judged: int | None = None  # events up to the first content: what the decision sees
     error_event: bytes | None = None
     finish_reason: str | None = None
+    #: A JSON request sent upstream as a stream, its events assembled into ``body``.
+    assembled: bool = False
     # Comments before the first content (a community proxy's queue heartbeats, up to
     # 1 MB each): counted, not kept; the stream is alive while they come.
     comments: int = 0
@@ -134,6 +138,61 @@ async def fetch(
     except TRANSPORT_ERRORS as exc:
         kind, message = failure(exc, upstream)
         return Reply(error=kind, message=message)
+
+
+JSON_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(
+    CIMultiDict({"Content-Type": "application/json"})
+)
+
+
+async def fetch_assembled(
+    session: aiohttp.ClientSession,
+    upstream: Upstream,
+    body: bytes,
+    headers: Mapping[str, str],
+) -> Reply:
+    """A JSON request sent as a stream: the whole stream read and assembled into the
+    ``chat.completion`` the client asked for (:mod:`assemble`).
+
+    Nothing has reached the client, so a stream that breaks half-way is a
+    failed attempt (retried), not a delivered fragment; an error event ends the
+    reading and becomes the reply's body, for the decision core to judge.
+    """
+    try:
+        resp = await session.post(
+            upstream.url, data=body, headers=headers, timeout=upstream.timeout
+        )
+    except TRANSPORT_ERRORS as exc:
+        kind, message = failure(exc, upstream)
+        return Reply(error=kind, message=message, assembled=True)
+    reply = Reply(status=resp.status, headers=resp.headers, assembled=True)
+    try:
+        if not (200 <= resp.status < 300) or not is_event_stream(resp):
+            reply.body = await resp.read()  # an error, or a JSON reply after all
+            return reply
+        splitter, assembler = EventSplitter(), Assembler()
+        async for chunk in resp.content.iter_any():
+            for event in splitter.feed(chunk):
+                data = event_data(event)
+                payload = parse_event(data)
+                if payload is None:
+                    continue
+                if payload.get("error") and not payload.get("choices"):
+                    reply.body = data or b""  # judged as a 200 carrying an error
+                    return reply
+                assembler.feed(payload)
+        rest = splitter.flush()
+        payload = parse_event(event_data(rest)) if rest is not None else None
+        if payload is not None:
+            assembler.feed(payload)
+    except TRANSPORT_ERRORS as exc:
+        reply.error, reply.message = failure(exc, upstream)
+        return reply
+    finally:
+        resp.close()
+    reply.headers = JSON_HEADERS
+    reply.body = orjson.dumps(assembler.result())
+    return reply
 
 
 def is_event_stream(resp: aiohttp.ClientResponse) -> bool:

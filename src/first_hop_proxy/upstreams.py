@@ -22,6 +22,7 @@ from .config import DEFAULT_UPSTREAM, serves
 from .config import CircuitBreaker as BreakerConfig
 from .config import Upstream as UpstreamConfig
 from .headers import configured_headers
+from .keys import KeyPool
 
 #: Latency buckets in milliseconds: 5 per doubling, 1 ms to about 17 minutes.
 _BOUNDS: tuple[float, ...] = tuple(2 ** (i / 5) for i in range(100))
@@ -98,6 +99,8 @@ class Upstream:
         "breaker",
         "connect_timeout",
         "headers",
+        "json_only",
+        "keys",
         "last_answer",
         "last_models",
         "model_map",
@@ -105,6 +108,8 @@ class Upstream:
         "patterns",
         "read_timeout",
         "record",
+        "stream_mode",
+        "streaming_json",
         "timeout",
         "url",
     )
@@ -125,6 +130,16 @@ class Upstream:
         self.record = Record()
         self.last_models: bytes | None = None  # its last good /models answer
         self.last_answer: float | None = None  # wall time it last answered (not failed)
+        self.keys = (
+            KeyPool(list(config.keys), config.key_header, config.key_strategy)
+            if config.keys
+            else None
+        )
+        self.stream_mode = config.stream_upstream or "auto"
+        #: auto: JSON requests go upstream as streams since a CDN cut a slow JSON reply.
+        self.streaming_json = self.stream_mode == "always"
+        #: Models that refused a stream: JSON requests for them go as JSON.
+        self.json_only: set[str] = set()
 
     @property
     def setting(self) -> str:
@@ -155,6 +170,15 @@ class Upstream:
         self.record = old.record
         self.last_models = old.last_models
         self.last_answer = old.last_answer
+        if self.keys is not None and old.keys is not None:
+            self.keys.adopt(old.keys)
+        if self.stream_mode == "auto":
+            self.streaming_json = old.streaming_json
+        self.json_only = old.json_only
+
+    def streams_json(self, model: str) -> bool:
+        """Whether a JSON request for ``model`` goes upstream as a stream (and is assembled)."""
+        return self.streaming_json and self.stream_mode != "never" and model not in self.json_only
 
     def health(self) -> tuple[str, str]:
         """``ok``, ``degraded`` or ``unknown``, and why.
