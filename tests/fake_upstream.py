@@ -275,3 +275,73 @@ def queue_comments(count: int, size: int = 512) -> list[bytes]:
 def raw_events(*events: dict[str, Any] | bytes) -> list[bytes]:
     """Events as wire bytes (dicts as ``data:`` lines) for ``Sse(raw=True)``."""
     return [e if isinstance(e, bytes) else b"data: " + orjson.dumps(e) + b"\n\n" for e in events]
+
+
+@dataclass
+class Choose(Behaviour):
+    """Answer by what the request holds: ``pick`` gets the parsed body and the headers."""
+
+    pick: Any  # Callable[[dict[str, Any], Mapping[str, str]], Behaviour]
+
+    async def run(self, request: web.Request, upstream: FakeUpstream) -> web.StreamResponse:
+        body = orjson.loads(upstream.received[-1].body or b"{}")
+        behaviour: Behaviour = self.pick(body, request.headers)
+        return await behaviour.run(request, upstream)
+
+
+def key_of(headers: Any) -> str:
+    """The key a request presents, in whichever header it travels."""
+    auth = headers.get("Authorization", "")
+    if auth.startswith("Bearer "):
+        return str(auth[7:])
+    return str(headers.get("x-goog-api-key") or headers.get("x-api-key") or "")
+
+
+@dataclass
+class Cdn(Behaviour):
+    """A CDN in front of a slow upstream: a JSON request whose first byte takes longer
+    than ``limit`` gets the CDN's 524 page; a stream starts at once and arrives."""
+
+    limit: float = 0.2
+    slow: float = 1.0
+    events: Sequence[Any] = field(default_factory=lambda: text_chunks("Streamed", " reply."))
+
+    async def run(self, request: web.Request, upstream: FakeUpstream) -> web.StreamResponse:
+        body = orjson.loads(upstream.received[-1].body or b"{}")
+        if body.get("stream") is True:
+            return await Sse(self.events).run(request, upstream)
+        if self.slow > self.limit:
+            await asyncio.sleep(self.limit)
+            page = (
+                "<!DOCTYPE html><html><head><title>example.com | 524: A timeout occurred"
+                "</title></head><body>The origin web server timed out.</body></html>"
+            )
+            return web.Response(status=524, text=page, content_type="text/html")
+        await asyncio.sleep(self.slow)
+        return await Json().run(request, upstream)
+
+
+def google_429(*, per_day: bool = False, delay: str | None = "26s", wrapped: bool = False) -> Any:
+    """Google's 429 RESOURCE_EXHAUSTED body: a QuotaFailure, and a RetryInfo for per-minute."""
+    quota = (
+        "GenerateRequestsPerDayPerProjectPerModel-FreeTier"
+        if per_day
+        else "GenerateRequestsPerMinutePerProjectPerModel-FreeTier"
+    )
+    details: list[dict[str, Any]] = [
+        {
+            "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+            "violations": [{"quotaMetric": "generate_content_requests", "quotaId": quota}],
+        }
+    ]
+    if delay is not None:
+        details.append({"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay})
+    body = {
+        "error": {
+            "code": 429,
+            "message": "You exceeded your current quota, please check your plan and billing.",
+            "status": "RESOURCE_EXHAUSTED",
+            "details": details,
+        }
+    }
+    return [body] if wrapped else body

@@ -233,6 +233,7 @@ def note_attempt(ex: Exchange, reply: Reply, decision: Decision, duration: float
     problem = reply.message or decision.upstream_message
     attempt = ex.record.add_attempt(
         upstream=ex.upstream.name if ex.upstream is not None else "",
+        key=ex.key_label,
         status=reply.status,
         duration=duration,
         action=decision.action.value,

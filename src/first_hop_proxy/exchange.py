@@ -119,8 +119,13 @@ class Exchange:
         """Send one event to the error log, with this request's context filled in."""
         chat = self.chat
         upstream = self.upstream
+        context = dict(fields.get("context") or {})
         if upstream is not None and self.settings.several:
-            fields["context"] = {"upstream": upstream.name, **fields.get("context", {})}
+            context["upstream"] = upstream.name
+        if self.key_label:
+            context["key"] = self.key_label  # a pool key, by its last four characters
+        if context:
+            fields["context"] = context
         self.settings.error_log.log(
             ErrorEvent(
                 code,

@@ -47,6 +47,7 @@ class AttemptRecord:
 
     number: int
     upstream: str = ""
+    key: str = ""  # a pool key, by its last four characters
     status: int | None = None
     duration: float | None = None
     action: str = ""
@@ -273,7 +274,10 @@ def _body_text(body: bytes, redactor: Redactor) -> str:
 
 def _attempt_lines(attempt: AttemptRecord, redactor: Redactor) -> list[str]:
     status = attempt.status if attempt.status is not None else "no response"
-    lines = [f"Upstream: {attempt.upstream}"] if attempt.upstream else []
+    lines = []
+    if attempt.upstream:
+        key = f" (key {attempt.key})" if attempt.key else ""
+        lines.append(f"Upstream: {attempt.upstream}{key}")
     lines.append(f"Status: {status}")
     if attempt.duration is not None:
         lines.append(f"Duration: {attempt.duration:.3f} seconds")
