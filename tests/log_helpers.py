@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
 from first_hop_proxy.server import RunningServer
 from first_hop_proxy.state import STATE, State
+from first_hop_proxy.writer import LogWriter
 
 REQUEST_NAME = re.compile(r"^(\d{8})_(\d{6})_(\d{3})_([A-Za-z0-9-]+)\.log$")
 ERROR_NAME = re.compile(r"^(?P<code>[A-Za-z0-9_-]+?)_(\d{8})_(\d{6})_(\d{3})(?:_\d+)?\.log$")
@@ -78,3 +81,21 @@ def section(text: str, title: str) -> str:
     start = text.index(head) + len(head)
     ends = [i for i in (text.find(f"\n\n{RULE}\n", start), text.find("\n\n====", start)) if i >= 0]
     return text[start : min(ends)] if ends else text[start:]
+
+
+async def hold(writer: LogWriter) -> threading.Event:
+    """Keep the writer's thread busy until the returned event is set: a forced backlog.
+
+    Returns once the thread is inside the holding job, so every job queued after
+    this waits (the holding job itself is no longer in the queue).
+    """
+    gate, running = threading.Event(), threading.Event()
+
+    def job() -> None:
+        running.set()
+        gate.wait(30)
+
+    writer.submit_call(job)
+    await writer.start()
+    assert await asyncio.to_thread(running.wait, 10), "the writer thread never ran the job"
+    return gate

@@ -272,13 +272,15 @@ class ErrorLog:
         """Count ``event`` and queue its file; returns at once and never raises.
 
         Safe to call from any thread (the writer reports its own failures here).
+        An error log records a failure: the writer never drops it for load.
         """
         with self._lock:
             self.total += 1
             self.by_code[str(event.error_code)] += 1
             self.by_type[event.error_type] += 1
         if self.cfg.enabled:
-            self._writer.submit_call(lambda: self._write(event))
+            size = len(event.response_text or "") + len(event.traceback or "")
+            self._writer.submit_call(lambda: self._write(event), size)
 
     def status(self) -> dict[str, Any]:
         """Counters for ``/health/detailed`` and ``/logs/errors``."""

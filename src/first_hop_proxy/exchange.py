@@ -118,6 +118,7 @@ class Exchange:
     def error_event(self, code: str | int, error_type: str, message: str, **fields: Any) -> None:
         """Send one event to the error log, with this request's context filled in."""
         chat = self.chat
+        self.record.error_events += 1  # its request log is then kept, never dropped
         upstream = self.upstream
         context = dict(fields.get("context") or {})
         if upstream is not None and self.settings.several:

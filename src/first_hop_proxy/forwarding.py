@@ -76,6 +76,8 @@ def parse_chat_request(body: bytes, ex: Exchange) -> ChatRequest | BadRequest:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
+    if state.writer.behind:  # failure logs are never dropped: wait until they are written
+        await state.writer.wait_for_room()
     record = RequestRecord(
         request.get(REQUEST_ID) or "-",
         request.path,

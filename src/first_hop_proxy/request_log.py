@@ -99,6 +99,8 @@ class RequestRecord:
     ended_wall: float | None = None
     ended_mono: float | None = None
     secrets: list[str] = field(default_factory=list)
+    #: Error log events this request sent (a rule timeout, a failed attempt...).
+    error_events: int = 0
 
     def add_attempt(self, **fields: Any) -> AttemptRecord:
         """Append the next attempt (numbered from 1) and return it for filling in."""
@@ -146,6 +148,23 @@ class RequestRecord:
         if self.ended_mono is None:
             return None
         return self.ended_mono - self.started_mono
+
+    @property
+    def plain_success(self) -> bool:
+        """2xx on the first try and nothing went wrong: the only log that may be dropped.
+
+        Anything else (an error, a hard stop, a retry, a recategorization, an
+        error log event of any kind) is a failure whose log is always kept.
+        """
+        status = self.final_status
+        return (
+            status is not None
+            and 200 <= status < 300
+            and not self.error
+            and not self.error_events
+            and len(self.attempts) <= 1
+            and all(a.action == "deliver" and not a.recategorization for a in self.attempts)
+        )
 
 
 @dataclass(frozen=True)
@@ -341,7 +360,11 @@ class RequestLog:
         return self.cfg.enabled
 
     def write(self, record: RequestRecord) -> None:
-        """Queue formatting and writing of ``record``; returns at once."""
+        """Queue formatting and writing of ``record``; returns at once.
+
+        Only the log of a plain success may be dropped when the writer falls
+        behind; a failure's log is always kept.
+        """
         if not self.cfg.enabled:
             return
         size = len(record.body) + len(record.original_body or b"")
@@ -349,7 +372,7 @@ class RequestLog:
         size += sum(len(piece) for parts in record.stream_text.values() for piece in parts)
         size += sum(map(len, record.stream_data))
         size += sum(len(attempt.reply) for attempt in record.attempts)
-        self._writer.submit_call(lambda: self._write(record), size)
+        self._writer.submit_call(lambda: self._write(record), size, droppable=record.plain_success)
 
     def entries(self, limit: int) -> list[RequestEntry]:
         """Newest first."""

@@ -138,10 +138,16 @@ def remove_files(paths: list[Path]) -> int:
     return removed
 
 
-#: How far the writer may fall behind before new jobs are dropped (and counted):
-#: memory must not grow with load. At a chat front-end's pace it is never reached.
+#: How far the writer may fall behind before new droppable jobs (request logs of
+#: plain successes) are dropped and counted: memory must not grow with load. Jobs
+#: that are not droppable (every log of a failure) are never dropped for load; past
+#: the same bound new requests wait for the writer instead (``wait_for_room``). At a
+#: chat front-end's pace neither is ever reached.
 MAX_QUEUED_JOBS = 2_000
 MAX_QUEUED_BYTES = 256 * 1024 * 1024
+#: A writer that has finished no job for this long while jobs wait is stuck (a hung
+#: disk): requests stop waiting for it, so that a disk never stops the proxy serving.
+STALL_SECONDS = 5.0
 
 
 class LogWriter:
@@ -151,9 +157,15 @@ class LogWriter:
     every ``interval`` seconds (at once for ``drain`` and ``close``).
     ``submit``/``submit_call`` never block and never raise. Failures are counted
     and reported (at most one warning per ``warn_interval`` seconds) instead.
-    When the thread falls too far behind (``max_queued_jobs`` jobs or
-    ``max_queued_bytes`` of their data waiting), new jobs are dropped and
-    counted rather than letting memory grow without bound.
+
+    When the thread falls behind, only jobs submitted as ``droppable`` (request
+    logs of plain successes) are dropped and counted: past ``max_queued_jobs``
+    jobs or ``max_queued_bytes`` of their data waiting. Every other job is kept;
+    once those alone reach the bound, ``behind`` turns true and the server waits
+    in ``wait_for_room`` before taking more work, which bounds memory without
+    losing a failure's log. Only a stuck thread (a hung disk: no job finished
+    for ``stall_seconds``) ends that wait; while it is stuck and behind, new
+    jobs are refused and counted in ``lost``, since none reaches the disk anyway.
     """
 
     def __init__(
@@ -164,6 +176,7 @@ class LogWriter:
         max_queued_jobs: int = MAX_QUEUED_JOBS,
         max_queued_bytes: int = MAX_QUEUED_BYTES,
         interval: float = BATCH_INTERVAL_SECONDS,
+        stall_seconds: float = STALL_SECONDS,
     ) -> None:
         self._jobs: collections.deque[Job] = collections.deque()  # appends wake nobody
         self._wake = threading.Event()
@@ -179,8 +192,16 @@ class LogWriter:
         self._last_drop_warning = -float("inf")
         self.max_queued_jobs = max_queued_jobs
         self.max_queued_bytes = max_queued_bytes
+        self.stall_seconds = stall_seconds
         self._queued_bytes = 0
+        self._kept_jobs = 0  # queued jobs that are not droppable, and their bytes
+        self._kept_bytes = 0
+        self._progress = time.monotonic()  # when the thread last finished a job
+        #: True while the kept jobs waiting alone fill the bound (read on the event loop).
+        self.behind = False
         self.dropped = 0
+        self.lost = 0
+        self.waits = 0
         self.submitted = 0
         self.completed = 0
         self.written = 0
@@ -238,35 +259,72 @@ class LogWriter:
         self.written += 1
         return written
 
-    def submit_call(self, fn: Job, size: int = 0) -> bool:
+    def submit_call(self, fn: Job, size: int = 0, *, droppable: bool = False) -> bool:
         """Queue ``fn`` to run on the worker thread; its errors are counted, not raised.
 
         ``size`` is roughly how many bytes the job holds on to until it runs.
-        Returns False when the job was dropped because the writer is too far behind.
+        ``droppable``: the job may be dropped when the writer is too far behind
+        (only for logs of plain successes). Returns False when it was dropped.
         """
-        if len(self._jobs) >= self.max_queued_jobs or (
-            size and self._queued_bytes + size > self.max_queued_bytes
-        ):
-            self._drop()
+        if droppable:
+            if len(self._jobs) >= self.max_queued_jobs or (
+                size and self._queued_bytes + size > self.max_queued_bytes
+            ):
+                self.dropped += 1
+                self._warn_drop("dropping new request logs of plain successes")
+                return False
+            if size:
+                with self._lock:
+                    self._queued_bytes += size
+                self._put(_Sized(fn, size, self), count=True)
+            else:
+                self._put(fn, count=True)
+            return True
+        if self.behind and self.stalled():
+            self.lost += 1
+            self._warn_drop("its thread is stuck, so logs of failures cannot be queued")
             return False
-        if size:
-            with self._lock:
-                self._queued_bytes += size
-            self._put(_Sized(fn, size, self), count=True)
-        else:
-            self._put(fn, count=True)
+        job = _Kept(fn, size, self)
+        job.count(+1)
+        if not self._put(job, count=True):
+            job.count(-1)
+            return False
         return True
 
-    def _drop(self) -> None:
-        self.dropped += 1
+    def _over_bound(self) -> bool:
+        return (
+            self._kept_jobs >= self.max_queued_jobs
+            or self._kept_bytes >= self.max_queued_bytes // 2
+        )
+
+    def stalled(self) -> bool:
+        """True when jobs wait but the thread has finished none for ``stall_seconds``."""
+        return bool(self._jobs) and time.monotonic() - self._progress > self.stall_seconds
+
+    async def wait_for_room(self) -> None:
+        """Wait while the kept jobs alone fill the bound (``behind``) and the thread works.
+
+        Backpressure: the logs of failures are never dropped for load, so the
+        server takes new work only as fast as the writer keeps them. Returns at
+        once when not ``behind``, and when the thread is stuck.
+        """
+        if not self.behind:
+            return
+        self.waits += 1
+        while self.behind and not self._closed and not self.stalled():
+            self._wake.set()
+            await asyncio.sleep(self.interval)
+
+    def _warn_drop(self, what: str) -> None:
         now = time.monotonic()
         if now - self._last_drop_warning >= self._warn_interval:
             self._last_drop_warning = now
             logger.warning(
-                "log writer is %d jobs behind: dropping new log files until it catches up "
-                "(%d dropped so far)",
+                "log writer is %d jobs behind: %s until it catches up (%d dropped, %d lost so far)",
                 len(self._jobs),
+                what,
                 self.dropped,
+                self.lost,
             )
 
     def run(self, fn: Job) -> bool:
@@ -291,19 +349,23 @@ class LogWriter:
             "written": self.written,
             "failures": self.failures,
             "dropped": self.dropped,
+            "lost": self.lost,
+            "behind": self.behind,
+            "waits": self.waits,
             "last_error": self.last_error,
         }
 
-    def _put(self, fn: Job, *, count: bool) -> None:
+    def _put(self, fn: Job, *, count: bool) -> bool:
         # Jobs queued by jobs (e.g. on_failure) are still run while closing.
         if self._closed and threading.current_thread() is not self._thread:
             self.failures += 1
             self.last_error = "log writer is closed"
-            return
+            return False
         if count:
             self.submitted += 1
         self._ensure_thread()
         self._jobs.append(fn if count else _Uncounted(fn))
+        return True
 
     def _ensure_thread(self) -> None:
         if self._thread is not None:
@@ -318,12 +380,14 @@ class LogWriter:
         lower_priority()
         while True:
             closing = self._closed  # read first: jobs queued before close() still run
+            self._progress = time.monotonic()
             while self._jobs:
                 job = self._jobs.popleft()
                 if isinstance(job, _Uncounted):
                     self.run(job.fn)
                 elif self.run(job):
                     self.completed += 1
+                self._progress = time.monotonic()
             if closing:
                 return
             self._wake.wait(self.interval)
@@ -373,6 +437,27 @@ class _Sized:
         finally:
             with self.writer._lock:
                 self.writer._queued_bytes -= self.size
+
+
+class _Kept(_Sized):
+    """A job that is never dropped for load: counted apart until it has run."""
+
+    __slots__ = ()
+
+    def count(self, sign: int) -> None:
+        """Add this job to (+1) or take it from (-1) the writer's queued figures."""
+        writer = self.writer
+        with writer._lock:
+            writer._queued_bytes += sign * self.size
+            writer._kept_jobs += sign
+            writer._kept_bytes += sign * self.size
+            writer.behind = writer._over_bound()
+
+    def __call__(self) -> object:
+        try:
+            return self.fn()
+        finally:
+            self.count(-1)
 
 
 class _Uncounted:
