@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -24,7 +23,7 @@ from .demo import BANNER
 from .error_log import log_config_error
 from .redact import is_secret_header, masked_url, redact_text
 from .rewrite import trial
-from .server import RunningServer, serve_forever
+from .server import RunningServer, event_loop_name, run
 
 log = logging.getLogger("first_hop_proxy")
 
@@ -64,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
                 type=port_number,
                 default=default,
                 help="port to listen on (overrides server.port)",
+            )
+            p.add_argument(
+                "--no-uvloop",
+                action="store_true",
+                default=False if default is None else default,
+                help="use asyncio's own event loop even when uvloop is installed",
             )
 
     options(parser, None, True)
@@ -179,7 +184,7 @@ def check_config(path: Path | None) -> int:
     return 0
 
 
-def serve(path: Path | None, host: str | None, port: int | None) -> int:
+def serve(path: Path | None, host: str | None, port: int | None, use_uvloop: bool = True) -> int:
     loaded = load_or_report(path, host, port, log_errors=True)
     if loaded is None:
         return 1
@@ -188,7 +193,9 @@ def serve(path: Path | None, host: str | None, port: int | None) -> int:
     host, port = loaded.config.server.host, loaded.config.server.port
     handler = console.setup(loaded.config.server.debug)
     try:
-        return run_server(loaded, host, port, (watched, lambda: load_config(watched, env)))
+        return run_server(
+            loaded, host, port, (watched, lambda: load_config(watched, env)), use_uvloop
+        )
     finally:
         handler.close()
 
@@ -198,6 +205,7 @@ def run_server(
     host: str,
     port: int,
     reload: tuple[Path, Callable[[], LoadedConfig]] | None = None,
+    use_uvloop: bool = True,
 ) -> int:
     for warning in loaded.warnings:
         log.warning("config: %s", warning)
@@ -205,11 +213,16 @@ def run_server(
     def ready(running: RunningServer) -> None:
         if loaded.demo:
             log.warning(BANNER)
-        log.info("first-hop-proxy %s listening on %s", __version__, running.url)
+        log.info(
+            "first-hop-proxy %s listening on %s (event loop: %s)",
+            __version__,
+            running.url,
+            event_loop_name(),
+        )
         log.info("SillyTavern: set the API URL to %s/v1", running.url)
 
     try:
-        asyncio.run(serve_forever(loaded, host, port, on_ready=ready, reload=reload))
+        run(loaded, host, port, on_ready=ready, reload=reload, use_uvloop=use_uvloop)
     except OSError as exc:
         log.error(
             "cannot listen on %s:%s: %s (is another proxy already running there? "
@@ -240,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_config(args.config)
     if args.command == "rewrite":
         return try_rules(args.config, args.text, args.role, args.response)
-    return serve(args.config, args.host, args.port)
+    return serve(args.config, args.host, args.port, use_uvloop=not args.no_uvloop)
 
 
 if __name__ == "__main__":

@@ -336,6 +336,7 @@ class Server(Section):
     max_body_mb: Positive = 50
     shutdown_grace_seconds: NonNegative = 30
     reload_on_change: bool = True
+    uvloop: bool = True
 
 
 class Logging(Section):
