@@ -2,6 +2,8 @@
 
 Forwards the body and Authorization to the upstream with one shared ClientSession and
 relays the reply; streams are relayed as they arrive (iter_any). No logging, no checks.
+Runs on uvloop when it is installed (the best the platform offers) and prints which
+event loop it runs on.
 
 Run: python bench/passthrough.py --port 9002 --upstream http://127.0.0.1:9001/v1/chat/completions
 """
@@ -9,7 +11,8 @@ Run: python bench/passthrough.py --port 9002 --upstream http://127.0.0.1:9001/v1
 from __future__ import annotations
 
 import argparse
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
@@ -52,7 +55,24 @@ def main() -> None:
     app[UPSTREAM] = args.upstream
     app.cleanup_ctx.append(session_ctx)
     app.router.add_post("/v1/chat/completions", chat)
-    web.run_app(app, host="127.0.0.1", port=args.port, backlog=4096, access_log=None, print=None)
+    factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:
+        pass
+    loop = factory()
+    print(f"event loop: {type(loop).__module__.partition('.')[0]}", flush=True)
+    web.run_app(
+        app,
+        host="127.0.0.1",
+        port=args.port,
+        backlog=4096,
+        access_log=None,
+        print=None,
+        loop=loop,
+    )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import BENCH, log
-from harness.cells import Plan, run_bench
+from harness.cells import run_bench
 from harness.load import raise_fd_limit
+from harness.measure import Plan
 from harness.report import fmt, load_results, machine_info, write_results
 from harness.soak import run_soak
 from harness.stats import check_targets
@@ -63,6 +64,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (configs, logs)")
     parser.add_argument(
+        "--only",
+        help="comma-separated targets to measure (to try the harness; e.g. "
+        "passthrough,fhp-default,fhp-mix); the fake upstream is always measured",
+    )
+    parser.add_argument(
+        "--cells", help="comma-separated cells to run (e.g. c1,c16,s100; default: all)"
+    )
+    parser.add_argument(
         "--render", action="store_true", help="only rewrite RESULTS.md from results.json"
     )
     args = parser.parse_args(argv)
@@ -81,15 +90,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             soak["machine"] = machine_info(litellm_version())
             results["soak_paced" if args.soak_rate else "soak"] = soak
         else:
+            cells = set(args.cells.split(",")) if args.cells else None
             plan = Plan(
                 runs=args.runs or (1 if quick else 3),
                 wrk_seconds=args.seconds or (1.0 if quick else 5.0),
-                concurrencies=[1, 16, 64],
-                stream_counts=[100, 500, 1000],
+                concurrencies=[c for c in (1, 16, 64) if cells is None or f"c{c}" in cells],
+                stream_counts=[n for n in (100, 500, 1000) if cells is None or f"s{n}" in cells],
                 stream_limit_s=60.0 if quick else 120.0,
                 quick=quick,
             )
-            bench = run_bench(plan, work, args.gap_ms)
+            only = set(args.only.split(",")) if args.only else None
+            bench = run_bench(plan, work, args.gap_ms, only)
             bench["machine"] = machine_info(litellm_version())
             results["bench"] = bench
     write_results(out, results)

@@ -2,7 +2,8 @@
 
 POST /v1/chat/completions answers about 1 KB of JSON, or, with ``"stream": true``,
 a stream of ``EVENTS`` SSE events ``--gap-ms`` apart followed by ``data: [DONE]``.
-GET /v1/models lists one model.
+A request for the model ``bench-fail`` gets a 400 (the failure mix of the benchmark).
+GET /v1/models lists one model; GET /stats counts the answers by kind.
 
 Run: python bench/upstream.py --port 9001 [--gap-ms 50]
 """
@@ -17,7 +18,18 @@ from aiohttp import web
 
 EVENTS = 20
 MODEL = "bench-model"
+FAIL_MODEL = "bench-fail"
 GAP = web.AppKey("gap", float)
+COUNTS = web.AppKey("counts", dict[str, int])
+FAILURE = orjson.dumps(
+    {
+        "error": {
+            "message": "bench: this request fails on purpose",
+            "type": "invalid_request_error",
+            "code": "bench_failure",
+        }
+    }
+)
 
 
 def stream_token(i: int) -> str:
@@ -76,11 +88,18 @@ EVENT_BYTES = [
 async def chat(request: web.Request) -> web.StreamResponse:
     body = await request.read()
     try:
-        stream = bool(orjson.loads(body).get("stream"))
+        payload = orjson.loads(body)
+        stream = bool(payload.get("stream"))
     except (orjson.JSONDecodeError, AttributeError):
         return web.Response(status=400, body=b'{"error":{"message":"bad json"}}')
+    counts = request.app[COUNTS]
+    if payload.get("model") == FAIL_MODEL:
+        counts["failed"] += 1
+        return web.Response(status=400, body=FAILURE, content_type="application/json")
     if not stream:
+        counts["ok"] += 1
         return web.Response(body=REPLY, content_type="application/json")
+    counts["streams"] += 1
     gap = request.app[GAP]
     resp = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -99,11 +118,17 @@ async def models(_: web.Request) -> web.Response:
     return web.Response(body=MODELS, content_type="application/json")
 
 
+async def stats(request: web.Request) -> web.Response:
+    return web.Response(body=orjson.dumps(request.app[COUNTS]), content_type="application/json")
+
+
 def make_app(gap_ms: float) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[GAP] = gap_ms / 1000
+    app[COUNTS] = {"ok": 0, "failed": 0, "streams": 0}
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/stats", stats)
     return app
 
 

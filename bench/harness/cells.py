@@ -4,33 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness import FHP, LITELLM, MASTER_KEY, ORDER, PASS, TARGET_LABELS, log
-from harness.load import WRK_LUA, chat_body, ensure_wrk, reset_peak, run_wrk, stream_cell, tree_kb
-from harness.report import fmt
+from harness import DIRECT, FHP, FHP_MIX, LITELLM, ORDER, PASS, TARGET_LABELS, WRK_ONLY, log
+from harness.load import ensure_wrk, run_wrk, stream_cell, tree_kb, wrk_script
+from harness.lost import nothing_lost
+from harness.measure import Plan, measure, short
 from harness.stats import summarize
-from harness.targets import (
-    Stack,
-    Target,
-    log_backlog,
-    log_files,
-    stop,
-    wait_log_drained,
-    writer_status,
-)
-
-
-@dataclass
-class Plan:
-    runs: int
-    wrk_seconds: float
-    concurrencies: list[int]
-    stream_counts: list[int]
-    stream_limit_s: float
-    quick: bool
+from harness.sustained import sustained_c16
+from harness.targets import Stack, log_files, stop
 
 
 def cell_names(plan: Plan) -> list[tuple[str, str, int]]:
@@ -51,15 +34,19 @@ def warm_up(stack: Stack, script: Path) -> None:
             log(f"warm-up {name} failed: {exc}")
 
 
-def run_bench(plan: Plan, work: Path, gap_ms: float) -> dict[str, Any]:
+def run_bench(
+    plan: Plan, work: Path, gap_ms: float, only: set[str] | None = None
+) -> dict[str, Any]:
+    """Every cell, then the paced c=16 and the nothing-lost checks.
+
+    ``only``: measure just these targets (and the fake upstream), to try the harness.
+    """
     ensure_wrk()
-    script = work / "post.lua"
-    script.write_text(
-        WRK_LUA % {"body": chat_body(stream=False).decode(), "key": MASTER_KEY}, "utf-8"
-    )
+    script = wrk_script(work, "post.lua")
     started = time.time()
     results: dict[str, Any] = {"cells": {}, "plan": plan.__dict__, "gap_ms": gap_ms}
-    with Stack(work, gap_ms, ORDER) as stack:
+    wanted = [n for n in ORDER if only is None or n in only or n == DIRECT]
+    with Stack(work, gap_ms, wanted) as stack:
         stack.start()
         warm_up(stack, script)
         results["targets"] = {
@@ -76,14 +63,20 @@ def run_bench(plan: Plan, work: Path, gap_ms: float) -> dict[str, Any]:
             runs: dict[str, list[dict[str, Any] | None]] = {name: [] for name in ORDER}
             for run in range(plan.runs):
                 for name in ORDER:
-                    target = stack.targets[name]
-                    if not target.available:
+                    target = stack.targets.get(name)
+                    if (
+                        target is None
+                        or not target.available
+                        or (kind != "wrk" and name in WRK_ONLY)
+                    ):
                         runs[name].append(None)
                         continue
                     runs[name].append(measure(target, kind, load, plan, script))
                     figures = runs[name][-1] or {}
                     log(f"{cell} run {run + 1}/{plan.runs} {name}: {short(figures)}")
             results["cells"][cell] = {"kind": kind, "load": load, "runs": runs}
+        if 16 in plan.concurrencies and {FHP, PASS} <= set(stack.targets):
+            results["sustained"] = sustained_c16(stack, plan, work)
         if plan.stream_counts:
             results["fresh"] = fresh_stream_rss(stack, max(plan.stream_counts), plan)
         for name, target in stack.targets.items():
@@ -91,6 +84,8 @@ def run_bench(plan: Plan, work: Path, gap_ms: float) -> dict[str, Any]:
                 requests, errors = log_files(Path(target.extra["log_folder"]))
                 results["targets"][name]["request_logs_written"] = requests
                 results["targets"][name]["error_logs_written"] = errors
+    if only is None or FHP_MIX in only:
+        results["nothing_lost"] = nothing_lost(work, gap_ms, plan)
     results["elapsed_s"] = round(time.time() - started, 1)
     results["summary"] = summarize(results)
     return results
@@ -123,55 +118,3 @@ def fresh_stream_rss(stack: Stack, streams: int, plan: Plan) -> dict[str, Any]:
         out[name] = figures
         log(f"fresh {name}, {streams} streams: {short(figures or {})}")
     return out
-
-
-def short(f: dict[str, Any]) -> str:
-    if "rps" in f:
-        return (
-            f"{f['rps']:.0f} req/s p50 {f['p50_ms']:.2f} ms p99 {f['p99_ms']:.2f} ms "
-            f"err {f['non_2xx'] + f['socket_errors']} rss {f.get('peak_rss_mb')} MB"
-        )
-    if "streams" in f:
-        return (
-            f"{f['completed']}/{f['streams']} ok, ttft p50 {fmt(f['ttft_p50_ms'])} "
-            f"p99 {fmt(f['ttft_p99_ms'])} ms, {f['wall_s']} s, rss {f.get('peak_rss_mb')} MB "
-            f"{f['fail_reasons'] or ''}"
-        )
-    return str(f)
-
-
-def measure(
-    target: Target, kind: str, load: int, plan: Plan, script: Path
-) -> dict[str, Any] | None:
-    pid = target.pid
-    if pid is None or (target.proc is not None and target.proc.poll() is not None):
-        target.available = False
-        target.reason = target.reason or "process exited during the run"
-        return None
-    reset_peak(pid)
-    logged = "log_folder" in target.extra
-    before = writer_status(target.url) if logged else {}
-    try:
-        if kind == "wrk":
-            figures = run_wrk(script, target.url, load, plan.wrk_seconds)
-        else:
-            figures = asyncio.run(stream_cell(target.url, load, plan.stream_limit_s))
-    except Exception as exc:  # one failed cell must not stop the run
-        return {"error": f"{type(exc).__name__}: {exc}"}
-    figures["peak_rss_mb"] = round(tree_kb(pid, "VmHWM") / 1024, 1)
-    figures["rss_mb"] = round(tree_kb(pid, "VmRSS") / 1024, 1)
-    if logged:
-        # Log work deferred to the writer thread must not spill into the next measurement.
-        figures["log_backlog"] = log_backlog(target.url)
-        figures["log_catch_up_s"] = wait_log_drained(target.url, 180)
-        # Past its queue bound the writer drops new logs (and counts them): say how many.
-        after = writer_status(target.url)
-        for key in ("written", "dropped"):
-            if isinstance(after.get(key), int) and isinstance(before.get(key), int):
-                figures[f"logs_{key}"] = after[key] - before[key]
-        if "rps" in figures:
-            ok = figures["requests"] - figures["non_2xx"]
-            span = figures["duration_s"] + figures["log_catch_up_s"]
-            figures["rps_with_log_catch_up"] = round(ok / span, 1) if span else None
-    time.sleep(0.3)
-    return figures

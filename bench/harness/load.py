@@ -18,12 +18,15 @@ from typing import Any
 import aiohttp
 import orjson
 
-from harness import EVENTS, EXPECTED_TEXT, MASTER_KEY, MODEL, log
+from harness import EVENTS, EXPECTED_TEXT, FAIL_EVERY, FAIL_MODEL, MASTER_KEY, MODEL, log
 from harness.stats import percentile
 
 
-def chat_body(stream: bool) -> bytes:
-    """A SillyTavern-like request, about 2 KB, with characters the rewrite rules touch."""
+def chat_body(stream: bool, model: str = MODEL) -> bytes:
+    """A SillyTavern-like request, about 2 KB, with characters the rewrite rules touch.
+
+    ``model=FAIL_MODEL``: the same request, which the fake upstream answers with a 400.
+    """
     user = (
         "Here's what I'd like — a short scene/story with [brackets], `code`, a | pipe "
         "and “quotes” – nothing fancy. It's late; don't make it too long. "
@@ -36,7 +39,7 @@ def chat_body(stream: bool) -> bytes:
     ]
     return orjson.dumps(
         {
-            "model": MODEL,
+            "model": model,
             "messages": messages,
             "stream": stream,
             "temperature": 0.7,
@@ -79,6 +82,36 @@ def tree_kb(pid: int, key: str) -> int:
     return sum(proc_status_kb(p, key) for p in process_tree(pid))
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def stat_cpu(path: Path) -> float:
+    """user + system CPU seconds from a ``/proc/.../stat`` file (0 if it is gone)."""
+    try:
+        fields = path.read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds so far: (the whole process tree, all threads; ``pid``'s main thread).
+
+    ``/proc/<pid>/stat`` sums every thread of the process, ended ones included; the
+    main thread (the event loop, for the proxies) is ``/proc/<pid>/task/<pid>/stat``.
+    """
+    total = sum(stat_cpu(Path(f"/proc/{p}/stat")) for p in process_tree(pid))
+    return total, stat_cpu(Path(f"/proc/{pid}/task/{pid}/stat"))
+
+
+def fd_count(pid: int) -> int:
+    """Open file descriptors of ``pid`` (sockets included)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return -1
+
+
 def reset_peak(pid: int) -> None:
     """Reset VmHWM (peak RSS) so the next reading is the peak of the next cell only."""
     for p in process_tree(pid):
@@ -110,6 +143,63 @@ done = function(summary, latency, requests)
     latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
 end
 """
+
+
+# Every FAIL_EVERY-th request of each wrk thread asks for the failing model.
+WRK_MIX_LUA = """
+local ok_req, fail_req
+local n = 0
+init = function(args)
+  ok_req = wrk.format(nil, nil, nil, [==[%(body)s]==])
+  fail_req = wrk.format(nil, nil, nil, [==[%(fail)s]==])
+end
+request = function()
+  n = n + 1
+  if n %% %(every)d == 0 then return fail_req end
+  return ok_req
+end
+-- The request id of every answer that was not a 200, from all threads, printed at the end.
+local threads = {}
+failed = {}
+setup = function(thread) table.insert(threads, thread) end
+response = function(status, headers, body)
+  if status ~= 200 then table.insert(failed, headers["X-Request-ID"] or "?") end
+end
+local report = done
+done = function(summary, latency, requests)
+  report(summary, latency, requests)
+  local ids = {}
+  for _, thread in ipairs(threads) do
+    for _, id in ipairs(thread:get("failed")) do table.insert(ids, id) end
+  end
+  io.write("\\nWRKIDS " .. table.concat(ids, ",") .. "\\n")
+end
+"""
+
+# Each connection waits ``avg`` ms on average after each reply (whole ms, mixed so
+# that the mean is ``avg``): fewer requests per second on the same 16 connections.
+WRK_DELAY_LUA = """
+local avg = %(delay_ms).3f
+delay = function()
+  local base = math.floor(avg)
+  if math.random() < avg - base then return base + 1 end
+  return base
+end
+"""
+
+
+def wrk_script(folder: Path, name: str, mix: bool = False, delay_ms: float | None = None) -> Path:
+    """A wrk script POSTing the chat request; ``mix``: 1 in FAIL_EVERY fails on purpose."""
+    body = chat_body(stream=False).decode()
+    text = WRK_LUA % {"body": body, "key": MASTER_KEY}
+    if mix:
+        fail = chat_body(stream=False, model=FAIL_MODEL).decode()
+        text += WRK_MIX_LUA % {"body": body, "fail": fail, "every": FAIL_EVERY}
+    if delay_ms is not None:
+        text += WRK_DELAY_LUA % {"delay_ms": delay_ms}
+    path = folder / name
+    path.write_text(text, "utf-8")
+    return path
 
 
 def ensure_wrk() -> str:
@@ -149,6 +239,10 @@ def run_wrk(script: Path, url: str, conns: int, seconds: float) -> dict[str, Any
         url,
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    failed_ids: list[str] | None = None
+    for line in out.stdout.splitlines():
+        if line.startswith("WRKIDS"):
+            failed_ids = [i for i in line[len("WRKIDS") :].strip().split(",") if i]
     for line in out.stdout.splitlines():
         if line.startswith("WRKJSON "):
             raw = json.loads(line[len("WRKJSON ") :])
@@ -165,6 +259,7 @@ def run_wrk(script: Path, url: str, conns: int, seconds: float) -> dict[str, Any
                 "p99_ms": raw["p99_us"] / 1000,
                 "max_ms": raw["max_us"] / 1000,
                 "duration_s": round(secs, 3),
+                **({} if failed_ids is None else {"failed_ids": failed_ids}),
             }
     raise RuntimeError(f"wrk gave no result: {out.stdout[-400:]} {out.stderr[-400:]}")
 
@@ -255,4 +350,61 @@ async def stream_cell(url: str, streams: int, limit_s: float) -> dict[str, Any]:
         "ttft_p50_ms": percentile(ttfts, 50) if ttfts else None,
         "ttft_p99_ms": percentile(ttfts, 99) if ttfts else None,
         "wall_s": round(wall, 3),
+    }
+
+
+# --------------------------------------------------------------------------- paced
+
+
+async def paced_mix(url: str, rate: float, seconds: float) -> dict[str, Any]:
+    """``rate`` requests a second for ``seconds`` (open loop), 1 in FAIL_EVERY failing.
+
+    Returns the counts by status and the request ids (``X-Request-ID``) of the
+    requests that failed, so their logs can be looked for afterwards.
+    """
+    plain = chat_body(stream=False)
+    failing = chat_body(stream=False, model=FAIL_MODEL)
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {MASTER_KEY}"}
+    statuses: Counter[str] = Counter()
+    failed_ids: list[str] = []
+    latencies: list[float] = []
+    total = int(rate * seconds)
+
+    async def one(session: aiohttp.ClientSession, index: int) -> None:
+        body = failing if index % FAIL_EVERY == FAIL_EVERY - 1 else plain
+        start = time.perf_counter()
+        try:
+            async with session.post(url, data=body, headers=headers) as resp:
+                await resp.read()
+                statuses[str(resp.status)] += 1
+                if resp.status != 200:
+                    failed_ids.append(resp.headers.get("X-Request-ID", "?"))
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            statuses[type(exc).__name__] += 1
+        latencies.append(time.perf_counter() - start)
+
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=timeout
+    ) as session:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        tasks = []
+        for i in range(total):  # bounded in count; one task per request, on schedule
+            delay = start + i / rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(session, i)))
+        await asyncio.gather(*tasks)
+        elapsed = loop.time() - start
+    latencies.sort()
+    return {
+        "rate": rate,
+        "seconds": seconds,
+        "sent": total,
+        "achieved_rps": round(total / elapsed, 1) if elapsed else None,
+        "statuses": dict(statuses),
+        "failed_ids": failed_ids,
+        "p50_ms": round(percentile(latencies, 50) * 1000, 2) if latencies else None,
+        "p99_ms": round(percentile(latencies, 99) * 1000, 2) if latencies else None,
     }

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from harness import BENCH, EVENTS, FHP, FHP_RULES, FHP_RULES11, ORDER, ROOT, log
+from harness import BENCH, EVENTS, LOGGED, ORDER, ROOT, WRK_ONLY, log
 from harness.load import wrk_version
 from harness.stats import check_targets
 
@@ -62,6 +62,7 @@ def machine_info(lite_version: str) -> dict[str, Any]:
         "first_hop_proxy": f"{version('first-hop-proxy')} (git {commit})",
         "aiohttp": version("aiohttp"),
         "orjson": version("orjson"),
+        "uvloop": version("uvloop"),
         "pyyaml": version("pyyaml"),
         "litellm": lite_version or "not installed",
         "wrk": wrk_version() if shutil.which("wrk") else "n/a",
@@ -83,7 +84,7 @@ def render(results: dict[str, Any]) -> str:
         lines += [f"| {k} | {v} |" for k, v in machine.items()]
         lines.append("")
     lines += [
-        "## Targets (issue 6)",
+        "## Targets (issue 15)",
         "",
         "| target | measured | limit | result |",
         "|---|---|---|---|",
@@ -107,9 +108,12 @@ def render(results: dict[str, Any]) -> str:
         for name, t in bench["targets"].items():
             state = "" if t["available"] else f" — **unavailable**: {t['reason']}"
             extra = f" (rules: {t['rules']})" if "rules" in t else ""
+            if t.get("event_loop"):
+                extra += f"; event loop: {t['event_loop']}"
             lines.append(f"- `{name}`: {t['label']}{extra}{state}")
         lines.append("")
         lines += render_wrk(bench) + render_streams(bench) + render_fresh(bench)
+        lines += render_sustained(bench.get("sustained")) + render_lost(bench.get("nothing_lost"))
     for key, title in (
         ("soak", "Soak (`make bench-soak`)"),
         ("soak_paced", "Soak, paced (`bench/run.py --soak --soak-rate N`)"),
@@ -148,6 +152,15 @@ def render_soak(soak: dict[str, Any] | None, title: str) -> list[str]:
             f"{soak['request_log_files_at_end']} | {soak['error_log_files_at_end']} |",
             "",
         ]
+        if "fd_growth" in soak:
+            lines += [
+                f"Failing on purpose: {soak['failed_on_purpose']:,} requests (a 400 from the "
+                f"upstream); without an error log on disk: {soak['failures_without_error_log']}; "
+                f"logs the writer could not queue (`lost`): {soak.get('logs_lost')}. Open file "
+                f"descriptors, idle after the warm-up and after the soak: {soak['fds_start']} "
+                f"and {soak['fds_end']} ({soak['fd_growth']:+}).",
+                "",
+            ]
         left = soak.get("log_backlog_after_wait")
         lines += [
             "RSS after the load stopped and the log writer was given up to 180 s to catch up: "
@@ -195,6 +208,8 @@ def cell_table(
         per = bench["summary"][cell]
         load = str(data["load"])
         for name in ORDER:
+            if kind != "wrk" and name in WRK_ONLY:
+                continue
             s = per.get(name, {})
             values = row(data, name, s) if s.get("runs") else ["unavailable"]
             lines.append(table_row([load, name, *values], len(columns)))
@@ -202,6 +217,27 @@ def cell_table(
             lines.append(table_row([load, "*ratios*", *footer(per)], len(columns)))
     lines.append("")
     return lines
+
+
+CPU_COLUMNS = (
+    "CPU us per request",
+    "CPU x pass-through's",
+    "of it, main thread",
+    "logs dropped",
+)
+
+
+def cpu_cells(s: dict[str, Any]) -> list[str]:
+    """CPU per request (streams: per stream), its ratio, the main thread's share, drops."""
+    dropped = "n/a"
+    if "logs_dropped" in s:
+        dropped = f"{s['logs_dropped']:,} of {s['logs_due']:,}"
+    return [
+        fmt(s.get("cpu_us_per_req"), 0),
+        fmt(s.get("cpu_x_pass")),
+        fmt(s.get("cpu_main_us_per_req"), 0),
+        dropped,
+    ]
 
 
 def render_wrk(bench: dict[str, Any]) -> list[str]:
@@ -218,13 +254,18 @@ def render_wrk(bench: dict[str, Any]) -> list[str]:
             str(s["errors"]),
             str(s["peak_rss_mb"]),
             fmt(s.get("rps_with_log_catch_up"), 0),
+            *cpu_cells(s),
         ]
 
     def ratios(per: dict[str, Any]) -> list[str]:
+        lite = per.get("fhp_x_litellm_cpu")
         return [
             f"rules/default {fmt(per.get('rules_x_default_rps'))}",
             f"rules11/default {fmt(per.get('rules11_x_default_rps'))}",
             f"fhp/LiteLLM {fmt(per.get('fhp_x_litellm_rps'), 1)}",
+            f"CPU: rules11/default {fmt(per.get('rules11_x_default_cpu'))}",
+            f"CPU: LiteLLM/fhp {fmt(1 / lite if lite else None, 1)}",
+            f"CPU: asyncio/uvloop {fmt(per.get('asyncio_x_uvloop_cpu'))}",
         ]
 
     columns = [
@@ -241,6 +282,7 @@ def render_wrk(bench: dict[str, Any]) -> list[str]:
         "errors",
         "peak RSS MB",
         "req/s incl. log catch-up",
+        *CPU_COLUMNS,
     ]
     title = "Non-streaming (wrk, ~2 KB request, ~1 KB reply)"
     return cell_table(bench, "wrk", title, columns, row, ratios)
@@ -264,6 +306,7 @@ def render_streams(bench: dict[str, Any]) -> list[str]:
             fmt(s.get("added_ttft_p50_x_pass")),
             fmt(s["wall_s"]),
             str(s["peak_rss_mb"]),
+            *cpu_cells(s),
         ]
 
     columns = [
@@ -279,6 +322,7 @@ def render_streams(bench: dict[str, Any]) -> list[str]:
         "added TTFT p50 x pass-through's",
         "wall s",
         "peak RSS MB",
+        *CPU_COLUMNS,
     ]
     title = "Streaming (concurrent streams, asyncio client, all started at once)"
     return cell_table(bench, "streams", title, columns, row)
@@ -309,14 +353,14 @@ def render_fresh(bench: dict[str, Any]) -> list[str]:
         lines.append("")
     backlog: list[str] = []
     for cell, data in bench["cells"].items():
-        for name in (FHP, FHP_RULES, FHP_RULES11):
+        for name in LOGGED:
             values = [r.get("log_backlog") for r in data["runs"].get(name, []) if r]
             values = [v for v in values if v is not None]
             if values:
                 backlog.append(f"{cell} {name}: {max(values)}")
     dropped: list[str] = []
     for cell, data in bench["cells"].items():
-        for name in (FHP, FHP_RULES, FHP_RULES11):
+        for name in LOGGED:
             mine = [r for r in data["runs"].get(name, []) if r and "logs_dropped" in r]
             lost = sum(r["logs_dropped"] for r in mine)
             total = lost + sum(r.get("logs_written", 0) for r in mine)
@@ -325,8 +369,9 @@ def render_fresh(bench: dict[str, Any]) -> list[str]:
     if dropped:
         lines += [
             "Log files dropped (the log writer's queue holds at most 2,000 jobs; past that, "
-            "new logs are dropped and counted in `/health/detailed`, so that memory stays "
-            "bounded; all runs of a cell together, of the log files due): "
+            "new request logs of plain successes are dropped and counted in "
+            "`/health/detailed`, so that memory stays bounded; the logs of failures are "
+            "never dropped; all runs of a cell together, of the log files due): "
             + "; ".join(dropped)
             + ".",
             "",
@@ -338,6 +383,110 @@ def render_fresh(bench: dict[str, Any]) -> list[str]:
             "measurement): " + "; ".join(backlog) + ".",
             "",
         ]
+    return lines
+
+
+def render_sustained(sustained: dict[str, Any] | None) -> list[str]:
+    if not sustained:
+        return []
+    lines = ["## c=16 with every log written (paced)", ""]
+    if "error" in sustained:
+        return [*lines, f"Not measured: {sustained['error']}", ""]
+    ref = sustained.get("passthrough") or {}
+    lines += [
+        "Back to back, first-hop-proxy answers faster than its log writer keeps the logs "
+        "(the logs of plain successes past its bound are dropped and counted). Here each of "
+        "the 16 connections waits after every reply (wrk's `delay`), bisected to the "
+        "least wait at which no log is dropped; a run's rate counts the time the writer "
+        "then needs to catch up. The pass-through ran back to back right before: "
+        f"{fmt(ref.get('rps'), 0)} req/s, {fmt(ref.get('cpu_us_per_req'), 0)} us of CPU per "
+        f"request. Best: **{fmt(sustained.get('x_pass_rps'))}x** its throughput at "
+        f"**{fmt(sustained.get('cpu_x_pass'))}x** its CPU per request.",
+        "",
+        *table_head(
+            [
+                "wait ms",
+                "req/s",
+                "req/s incl. log catch-up",
+                "x pass-through",
+                "log catch-up s",
+                "logs dropped",
+                "p50 ms",
+                "p99 ms",
+                "CPU us per request",
+                "of it, main thread",
+            ]
+        ),
+    ]
+    for f in sustained.get("steps", []):
+        x_pass = None
+        if ref.get("rps") and f.get("rps_with_log_catch_up"):
+            x_pass = f["rps_with_log_catch_up"] / ref["rps"]
+        lines.append(
+            table_row(
+                [
+                    fmt(f["delay_ms"]),
+                    fmt(f["rps"], 0),
+                    fmt(f.get("rps_with_log_catch_up"), 0),
+                    fmt(x_pass),
+                    fmt(f.get("log_catch_up_s")),
+                    str(f.get("logs_dropped")),
+                    fmt(f["p50_ms"]),
+                    fmt(f["p99_ms"]),
+                    fmt(f.get("cpu_us_per_req"), 0),
+                    fmt(f.get("cpu_main_us_per_req"), 0),
+                ],
+                10,
+            )
+        )
+    lines.append("")
+    return lines
+
+
+def render_lost(lost: dict[str, Any] | None) -> list[str]:
+    if not lost:
+        return []
+    lines = ["## Nothing lost", ""]
+    if "error" in lost:
+        return [*lines, f"Not measured: {lost['error']}", ""]
+    every = lost["fail_every"]
+    c64, paced = lost.get("c64") or {}, lost.get("paced") or {}
+    lines += [
+        f"`fhp-mix`: 1 request in {every} asks for a model the fake upstream answers with a "
+        "400; `max_files` is raised so that nothing is pruned, and afterwards every request "
+        "log's id and final status and every error log's request id are read from disk.",
+        "",
+    ]
+    if "error" in c64:
+        lines += [f"- c=64: failed: {c64['error']}", ""]
+    elif c64:
+        lines.append(
+            f"- **c=64, back to back** ({c64['requests']:,} requests, {fmt(c64['rps'], 0)} "
+            f"req/s, {fmt(c64.get('cpu_us_per_req'), 0)} us of CPU per request): failures "
+            f"seen by the client {c64['failed_seen_by_client']:,} (answered by the upstream: "
+            f"{c64['failed_answered_by_upstream']:,}), looked up by request id: without a "
+            f"request log {c64['failures_without_request_log']}, without an error log "
+            f"{c64['failures_without_error_log']}; request logs on disk by final status "
+            f"{c64['request_logs_by_status']} (499: cut off when the load stopped); "
+            f"request logs of plain successes dropped {c64.get('logs_dropped', 0):,}; "
+            f"requests that waited for the writer {c64.get('logs_waits', 0):,}; lost "
+            f"{c64.get('logs_lost', 0)}. Every failure logged: "
+            f"**{c64['every_failure_logged']}**."
+        )
+    if paced:
+        lines.append(
+            f"- **{paced['rate']:.0f} req/s for {paced['seconds']:.0f} s** ({paced['sent']:,} "
+            f"requests, achieved {fmt(paced['achieved_rps'], 1)} req/s, p50 "
+            f"{fmt(paced['p50_ms'])} ms, p99 {fmt(paced['p99_ms'])} ms, statuses "
+            f"{paced['statuses']}): request logs on disk {paced['request_logs_on_disk']:,}, "
+            f"dropped {paced['logs_dropped']}, lost {paced['logs_lost']}; of "
+            f"{paced['failed']} failures, without a request log "
+            f"{paced['failures_without_request_log']}, without an error log "
+            f"{paced['failures_without_error_log']}; the writer caught up "
+            f"{fmt(paced['log_catch_up_s'])} s after the load. Nothing dropped: "
+            f"**{paced['nothing_dropped']}**."
+        )
+    lines.append("")
     return lines
 
 

@@ -11,9 +11,12 @@ from typing import Any
 
 import aiohttp
 
-from harness import FHP, MASTER_KEY, SOAK_RSS_LIMIT_MB, log
-from harness.load import chat_body, one_stream, tree_kb
-from harness.targets import Stack, log_backlog, log_files, writer_status
+from harness import FAIL_MODEL, FHP, MASTER_KEY, SOAK_RSS_LIMIT_MB, log
+from harness.load import chat_body, fd_count, one_stream, tree_kb
+from harness.targets import Stack, log_backlog, log_files, logs_on_disk, writer_status
+
+FAILURES_PER_SECOND = 5.0  # one more connection sends requests that fail, at this pace
+IDLE_S = 16.0  # idle before counting file descriptors: pooled keep-alives close after 15 s
 
 
 async def soak_load(
@@ -21,6 +24,8 @@ async def soak_load(
 ) -> dict[str, Any]:
     plain = chat_body(stream=False)
     streamed = chat_body(stream=True)
+    failing = chat_body(stream=False, model=FAIL_MODEL)
+    failed_ids: list[str] = []
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {MASTER_KEY}"}
     counts: Counter[str] = Counter()
     errors: Counter[str] = Counter()
@@ -54,6 +59,20 @@ async def soak_load(
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 errors[type(exc).__name__] += 1
 
+    async def failer(session: aiohttp.ClientSession) -> None:
+        """Requests the upstream answers with a 400: their logs must all be kept."""
+        while time.monotonic() < deadline and len(failed_ids) < max_requests:
+            await asyncio.sleep(1 / FAILURES_PER_SECOND)
+            try:
+                async with session.post(url, data=failing, headers=headers) as resp:
+                    await resp.read()
+                    if resp.status == 400:
+                        failed_ids.append(resp.headers.get("X-Request-ID", "?"))
+                    else:
+                        errors[f"failing request: status {resp.status}"] += 1
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                errors[f"failing request: {type(exc).__name__}"] += 1
+
     samples: list[tuple[float, float, int | None]] = []
     aborted: list[str] = []
 
@@ -72,9 +91,12 @@ async def soak_load(
 
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        await asyncio.gather(sampler(), *(worker(session, i) for i in range(conns)))
+        await asyncio.gather(
+            sampler(), failer(session), *(worker(session, i) for i in range(conns))
+        )
     return {
         "counts": dict(counts),
+        "failed_ids": failed_ids,
         "errors": dict(errors),
         "samples": samples,
         "aborted": aborted[0] if aborted else "",
@@ -84,14 +106,18 @@ async def soak_load(
 def run_soak(
     work: Path, gap_ms: float, seconds: float, warm_s: float, rate: float | None = None
 ) -> dict[str, Any]:
-    with Stack(work, gap_ms, [FHP]) as stack:
+    with Stack(work, gap_ms, []) as stack:
         stack.start()
-        target = stack.targets[FHP]
+        target = stack.targets[FHP] = stack.start_fhp(FHP, rules=False, keep_errors=True)
+        if target.proc is not None:
+            stack.procs.append(target.proc)
         if not target.available or target.pid is None:
             raise SystemExit(f"first-hop-proxy did not start: {target.reason}")
         pid = target.pid
         log(f"soak warm-up {warm_s:.0f} s")
         asyncio.run(soak_load(target.url, 16, warm_s, pid, rate))
+        time.sleep(IDLE_S)
+        fds_start = fd_count(pid)
         start_rss = tree_kb(pid, "VmRSS") / 1024
         log(f"soak {seconds:.0f} s at c=16, start RSS {start_rss:.1f} MB")
         load = asyncio.run(soak_load(target.url, 16, seconds, pid, rate))
@@ -103,10 +129,16 @@ def run_soak(
             time.sleep(1)
         drained_rss = tree_kb(pid, "VmRSS") / 1024
         backlog_after_wait = log_backlog(target_url)
-        dropped = writer_status(target_url).get("dropped")
-        request_logs, error_logs = log_files(Path(target.extra["log_folder"]))
+        status = writer_status(target_url)
+        folder = Path(target.extra["log_folder"])
+        request_logs, error_logs = log_files(folder)
+        error_ids = logs_on_disk(folder)["error_ids"]
+        time.sleep(IDLE_S)
+        fds_end = fd_count(pid)
         alive = target.proc is not None and target.proc.poll() is None
     errors = sum(load["errors"].values()) + (0 if alive else 1)
+    failed_ids = load["failed_ids"]
+    without_error_log = sum(1 for k in failed_ids if k not in error_ids)
     result = {
         "seconds": seconds,
         "warm_up_s": warm_s,
@@ -114,7 +146,8 @@ def run_soak(
         "mix": (
             "8 connections non-streaming "
             + (f"paced to {rate:.0f} req/s in all" if rate else "back to back")
-            + ", 8 streaming (20 events each)"
+            + ", 8 streaming (20 events each), 1 sending "
+            + f"{FAILURES_PER_SECOND:.0f} failing requests a second"
         ),
         "rate": rate,
         "requests": load["counts"].get("requests", 0),
@@ -129,7 +162,14 @@ def run_soak(
         "log_backlog_end": backlog_end,
         "rss_after_log_drain_mb": round(drained_rss, 1),
         "log_backlog_after_wait": backlog_after_wait,
-        "logs_dropped": dropped,
+        "logs_dropped": status.get("dropped"),
+        "logs_lost": status.get("lost"),
+        "failed_on_purpose": len(failed_ids),
+        "failures_without_error_log": without_error_log,
+        "failure_logs_missing": without_error_log + (status.get("lost") or 0),
+        "fds_start": fds_start,
+        "fds_end": fds_end,
+        "fd_growth": fds_end - fds_start,
         "ran_s": load["samples"][-1][0] if load["samples"] else 0.0,
         "log_backlog_max": max((s[2] or 0 for s in load["samples"]), default=0),
         "aborted": load["aborted"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from harness import (
     BENCH,
     DIRECT,
     FHP,
+    FHP_ASYNCIO,
+    FHP_MIX,
     FHP_NOLOG,
     FHP_RULES,
     FHP_RULES11,
@@ -153,6 +156,8 @@ class Stack:
             starter: Callable[[], Target] = {
                 PASS: self.start_passthrough,
                 FHP: lambda: self.start_fhp(FHP, rules=False),
+                FHP_ASYNCIO: lambda: self.start_fhp(FHP_ASYNCIO, rules=False, uvloop=False),
+                FHP_MIX: lambda: self.start_fhp(FHP_MIX, rules=False, keep_all=True),
                 FHP_NOLOG: lambda: self.start_fhp(FHP_NOLOG, rules=False, logging=False),
                 FHP_RULES: lambda: self.start_fhp(FHP_RULES, rules=True),
                 FHP_RULES11: lambda: self.start_fhp(FHP_RULES11, rules=True, sane=True),
@@ -180,10 +185,18 @@ class Stack:
         )
         target = Target(PASS, f"http://127.0.0.1:{port}/v1/chat/completions", proc)
         self._check(target, wait_http(f"http://127.0.0.1:{port}/", proc, 20, any_status=True))
+        target.extra["event_loop"] = event_loop_of(self.work / "passthrough.log")
         return target
 
     def fhp_config(
-        self, name: str, rules: bool, port: int, sane: bool = False, logging: bool = True
+        self,
+        name: str,
+        rules: bool,
+        port: int,
+        sane: bool = False,
+        logging: bool = True,
+        keep_all: bool = False,
+        keep_errors: bool = False,
     ) -> Path:
         folder = self.work / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -201,13 +214,27 @@ class Stack:
             "enabled": logging,
             "folder": "logs/errors",
         }
+        # Every log (or every error log) stays on disk, to be looked for afterwards.
+        if keep_all:
+            data["logging"]["max_files"] = 10_000_000
+        if keep_all or keep_errors:
+            data["error_logging"]["max_files"] = 10_000_000
         path = folder / "config.yaml"
         path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), "utf-8")
         return path
 
-    def start_fhp(self, name: str, rules: bool, sane: bool = False, logging: bool = True) -> Target:
+    def start_fhp(
+        self,
+        name: str,
+        rules: bool,
+        sane: bool = False,
+        logging: bool = True,
+        uvloop: bool = True,
+        keep_all: bool = False,
+        keep_errors: bool = False,
+    ) -> Target:
         port = free_port()
-        config = self.fhp_config(name, rules, port, sane, logging)
+        config = self.fhp_config(name, rules, port, sane, logging, keep_all, keep_errors)
         env = {k: v for k, v in os.environ.items() if not k.startswith("FHP_")}
         proc = spawn(
             [
@@ -219,6 +246,7 @@ class Stack:
                 str(config),
                 "--port",
                 str(port),
+                *([] if uvloop else ["--no-uvloop"]),
             ],
             config.parent / "proxy.log",
             env,
@@ -234,6 +262,7 @@ class Stack:
             }
         problem = wait_http(f"http://127.0.0.1:{port}/health", proc, 30)
         self._check(target, problem, config.parent / "proxy.log")
+        target.extra["event_loop"] = event_loop_of(config.parent / "proxy.log")
         return target
 
     def start_litellm(self) -> Target:
@@ -300,6 +329,18 @@ class Stack:
             target.available = False
             target.reason = problem + (f"; log: {tail(logfile)}" if logfile else "")
             stop(target.proc)
+
+
+def event_loop_of(logfile: Path) -> str:
+    """The event loop a target said it runs on (``event loop: uvloop`` in its output)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            match = re.search(r"event loop: (\w+)", logfile.read_text(errors="replace"))
+            if match:
+                return match[1]
+        time.sleep(0.1)
+    return "unknown"
 
 
 def install_litellm(work: Path) -> str | None:
@@ -390,3 +431,39 @@ def log_files(folder: Path) -> tuple[int, int]:
     requests = sum(1 for p in folder.glob("*") if p.is_file())
     errors = sum(1 for p in (folder / "errors").glob("*") if p.is_file())
     return requests, errors
+
+
+def upstream_counts(chat_url: str) -> dict[str, int]:
+    """The fake upstream's answers so far by kind (ok, failed, streams)."""
+    url = chat_url.replace("/v1/chat/completions", "/stats")
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        data = json.loads(resp.read())
+    return {str(k): int(v) for k, v in data.items()}
+
+
+REQUEST_LOG_HEAD = re.compile(
+    r"^Request ID: (?P<id>[^\n]*)$.*?^Final Status: (?P<status>\S+)", re.M | re.S
+)
+ERROR_LOG_ID = re.compile(r'"request_id": "(?P<id>[^"]*)"')
+
+
+def logs_on_disk(folder: Path) -> dict[str, Any]:
+    """What first-hop-proxy's log ``folder`` holds: request ids by final status, error ids.
+
+    Reads the head of every request log (its id and final status) and every
+    error log's ``request_id``: the proof that a failure's logs reached the disk.
+    """
+    statuses: dict[str, str] = {}
+    for path in folder.glob("*.log"):
+        with contextlib.suppress(OSError), path.open("rb") as f:
+            head = f.read(4096).decode("utf-8", "replace")
+            match = REQUEST_LOG_HEAD.search(head)
+            if match:
+                statuses[match["id"].strip()] = match["status"]
+    error_ids: dict[str, int] = {}
+    for path in (folder / "errors").glob("*.log"):
+        with contextlib.suppress(OSError):
+            match = ERROR_LOG_ID.search(path.read_text("utf-8", "replace"))
+            key = match["id"] if match else ""
+            error_ids[key] = error_ids.get(key, 0) + 1
+    return {"request_status": statuses, "error_ids": error_ids}
