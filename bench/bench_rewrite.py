@@ -17,7 +17,7 @@ import orjson
 from first_hop_proxy.config import MessageRule, RewriteRule, load_config
 from first_hop_proxy.rewrite import Rewriter
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec" / "original-config.example.yaml"
+RULES_CONFIG = Path(__file__).resolve().parents[1] / "tests" / "data" / "legacy-config.yaml"
 PROSE = (
     "the quick brown fox don't jump — over it's lazy dog's [bracket] a-b /path/ `code` "
     "“quoted” well – then said she and he ran away from home into the night"
@@ -37,7 +37,7 @@ def chat_text(rnd: random.Random, chars: int) -> str:
 
 def request_rules(regexes: int) -> list[MessageRule]:
     """The user's 11 sane outgoing rules, then literals and ``regexes`` real regexes: 100."""
-    config = load_config(SPEC).config
+    config = load_config(RULES_CONFIG).config
     rules = [r for r in config.regex_replacement.rules if r.pattern != "|"]
     for i in range(regexes):
         if i % 3 == 2:
@@ -53,7 +53,7 @@ def request_rules(regexes: int) -> list[MessageRule]:
 
 def response_rules() -> list[RewriteRule]:
     """The user's 49 reply rules plus 15 regexes: 64."""
-    config = load_config(SPEC).config
+    config = load_config(RULES_CONFIG).config
     rules = list(config.response_processing.rules)
     for i in range(15):
         rules.append(RewriteRule(pattern=rf"(\w+)_{i}\b", replacement=r"\1-{i}"))
@@ -132,7 +132,7 @@ def bench_stream() -> None:
 
     total = min(timed(run, 5)) - min(timed(copy_only, 5))
     print(f"  per event: {total / len(chunks) * 1e6:6.1f} µs")
-    only_literal = Rewriter((), load_config(SPEC).config.response_processing.rules)
+    only_literal = Rewriter((), load_config(RULES_CONFIG).config.response_processing.rules)
     stream = only_literal.stream()
     start = time.perf_counter()
     for c in chunks:

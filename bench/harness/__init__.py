@@ -17,7 +17,8 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent.parent
 ROOT = BENCH.parent
-SPEC = ROOT.parent / "shared" / "spec" / "original-config.example.yaml"
+# A legacy-format config with the example rules (12 outgoing, 49 incoming), the project's own.
+RULES_CONFIG = ROOT / "tests" / "data" / "legacy-config.yaml"
 LITELLM_VERSION = "1.108.0"  # newer releases need litellm-proxy-extras builds not yet on PyPI
 LITELLM_VENV = BENCH / "venv-litellm"
 MASTER_KEY = "sk-bench-master"

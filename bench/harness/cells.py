@@ -103,7 +103,7 @@ def fresh_stream_rss(stack: Stack, streams: int, plan: Plan) -> dict[str, Any]:
         if old is None or not old.available:
             continue
         stop(old.proc)
-        fresh = stack.start_passthrough() if name == PASS else stack.start_fhp(FHP, rules=False)
+        fresh = stack.start_passthrough() if name == PASS else stack.start_fhp(FHP)
         if fresh.proc is not None:
             stack.procs.append(fresh.proc)
         stack.targets[name] = fresh

@@ -108,7 +108,7 @@ def run_soak(
 ) -> dict[str, Any]:
     with Stack(work, gap_ms, []) as stack:
         stack.start()
-        target = stack.targets[FHP] = stack.start_fhp(FHP, rules=False, keep_errors=True)
+        target = stack.targets[FHP] = stack.start_fhp(FHP, keep_errors=True)
         if target.proc is not None:
             stack.procs.append(target.proc)
         if not target.available or target.pid is None:

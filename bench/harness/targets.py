@@ -34,7 +34,7 @@ from harness import (
     MASTER_KEY,
     MODEL,
     PASS,
-    SPEC,
+    RULES_CONFIG,
     log,
 )
 
@@ -155,10 +155,10 @@ class Stack:
                 continue
             starter: Callable[[], Target] = {
                 PASS: self.start_passthrough,
-                FHP: lambda: self.start_fhp(FHP, rules=False),
-                FHP_ASYNCIO: lambda: self.start_fhp(FHP_ASYNCIO, rules=False, uvloop=False),
-                FHP_MIX: lambda: self.start_fhp(FHP_MIX, rules=False, keep_all=True),
-                FHP_NOLOG: lambda: self.start_fhp(FHP_NOLOG, rules=False, logging=False),
+                FHP: lambda: self.start_fhp(FHP),
+                FHP_ASYNCIO: lambda: self.start_fhp(FHP_ASYNCIO, uvloop=False),
+                FHP_MIX: lambda: self.start_fhp(FHP_MIX, keep_all=True),
+                FHP_NOLOG: lambda: self.start_fhp(FHP_NOLOG, logging=False),
                 FHP_RULES: lambda: self.start_fhp(FHP_RULES, rules=True),
                 FHP_RULES11: lambda: self.start_fhp(FHP_RULES11, rules=True, sane=True),
                 LITELLM: self.start_litellm,
@@ -191,18 +191,22 @@ class Stack:
     def fhp_config(
         self,
         name: str,
-        rules: bool,
         port: int,
+        *,
+        rules: bool = False,
         sane: bool = False,
         logging: bool = True,
         keep_all: bool = False,
         keep_errors: bool = False,
     ) -> Path:
+        """The config of target ``name``: the defaults, or the spec's example ``rules``
+        (``sane``: without the '|' rule); ``logging`` on or off; ``keep_all`` (or
+        ``keep_errors``) raises ``max_files`` so that no log (no error log) is pruned."""
         folder = self.work / name
         folder.mkdir(parents=True, exist_ok=True)
         data: dict[str, Any] = {}
         if rules:
-            data = yaml.safe_load(SPEC.read_text(encoding="utf-8"))
+            data = yaml.safe_load(RULES_CONFIG.read_text(encoding="utf-8"))
             if sane:
                 section = data["regex_replacement"]
                 section["rules"] = [r for r in section["rules"] if r["pattern"] != "|"]
@@ -223,18 +227,11 @@ class Stack:
         path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), "utf-8")
         return path
 
-    def start_fhp(
-        self,
-        name: str,
-        rules: bool,
-        sane: bool = False,
-        logging: bool = True,
-        uvloop: bool = True,
-        keep_all: bool = False,
-        keep_errors: bool = False,
-    ) -> Target:
+    def start_fhp(self, name: str, uvloop: bool = True, **options: bool) -> Target:
+        """first-hop-proxy with ``fhp_config(name, port, **options)`` (``--no-uvloop``)."""
         port = free_port()
-        config = self.fhp_config(name, rules, port, sane, logging, keep_all, keep_errors)
+        config = self.fhp_config(name, port, **options)
+        settings = yaml.safe_load(config.read_text("utf-8"))
         env = {k: v for k, v in os.environ.items() if not k.startswith("FHP_")}
         proc = spawn(
             [
@@ -252,13 +249,12 @@ class Stack:
             env,
         )
         target = Target(name, f"http://127.0.0.1:{port}/v1/chat/completions", proc)
-        if logging:
+        if settings["logging"]["enabled"]:
             target.extra["log_folder"] = str(config.parent / "logs")
-        if rules:
-            loaded = yaml.safe_load(config.read_text("utf-8"))
+        if "regex_replacement" in settings:
             target.extra["rules"] = {
-                "outgoing": len(loaded["regex_replacement"]["rules"]),
-                "incoming": len(loaded["response_processing"]["rules"]),
+                "outgoing": len(settings["regex_replacement"]["rules"]),
+                "incoming": len(settings["response_processing"]["rules"]),
             }
         problem = wait_http(f"http://127.0.0.1:{port}/health", proc, 30)
         self._check(target, problem, config.parent / "proxy.log")
