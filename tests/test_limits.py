@@ -475,3 +475,29 @@ async def test_the_keys_never_leave(
     assert (
         completion()["choices"][0]["message"]["content"] == body["choices"][0]["message"]["content"]
     )
+
+
+async def test_a_pool_with_no_key_left_fails_over(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    from .test_upstreams import entry
+
+    spare = FakeUpstream()
+    await spare.start()
+    try:
+        upstream.default = Json(429, google_429(per_day=True))
+        proxy = await start_proxy(
+            {
+                "target_proxy": {"url": ""},
+                "upstreams": [
+                    entry("free", upstream.chat_url, keys=KEYS[:2]),
+                    entry("paid", spare.chat_url),
+                ],
+            }
+        )
+        status, _ = await ask(proxy)
+        assert status == 200 and (upstream.calls, spare.calls) == (2, 1)
+        status, _ = await ask(proxy)  # free's keys are out: straight to paid
+        assert status == 200 and (upstream.calls, spare.calls) == (2, 2)
+    finally:
+        await spare.close()

@@ -128,6 +128,7 @@ async def attempt_until_decided(ex: Exchange, attempt: Attempt) -> tuple[Decisio
             if step is Step.NEXT_KEY:
                 if pool.has_ready(time.time()):  # the same request at once, with another key
                     reply.close()
+                    state.counters.retries += decision.action is Action.RETRY
                     ex.history = ex.history.after(decision)
                     continue
                 if decision.action is not Action.RETRY:  # that was the last ready key

@@ -37,6 +37,8 @@ def failover_cause(decision: Decision, failures_here: int, per_upstream: int) ->
         return None
     if decision.error_type == "circuit_open":
         return "circuit_open"
+    if decision.error_type == "no_key":  # a key pool with no key left: refused, or limited
+        return "fail_code" if decision.status == 401 else "retries_exhausted"
     if decision.gave_up == "retry_after_too_long":
         return "retries_exhausted"
     if decision.gave_up is not None:
