@@ -112,7 +112,7 @@ async def attempt_until_decided(ex: Exchange, attempt: Attempt) -> tuple[Decisio
         duration = time.monotonic() - began
         decision = decide(
             outcome_of(reply, ex.chat.stream if ex.chat else False),
-            ex.history.at(ex.elapsed()),
+            ex.history.at(ex.spent()),
             policy,
             jitter=random.random(),
             now=time.time(),

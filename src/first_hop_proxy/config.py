@@ -300,6 +300,15 @@ class EmptyResponse(Section):
     deliver_last: bool = False
 
 
+class StreamResume(Section):
+    """Finishing a stream that broke after its first content (see ``resume``)."""
+
+    enabled: bool = False
+    max_resumes: Annotated[int, Field(ge=1)] = 2
+    #: A user message after the prefill, for upstreams that do not continue a prefill.
+    continue_instruction: str = ""
+
+
 class ErrorHandling(Section):
     retry_codes: list[StatusCode] = Field(default_factory=lambda: list(DEFAULT_RETRY_CODES))
     fail_codes: list[StatusCode] = Field(default_factory=lambda: list(DEFAULT_FAIL_CODES))
@@ -316,6 +325,7 @@ class ErrorHandling(Section):
     quota_cooldown_seconds: Positive = 3600
     exhausted_429_status: StatusCode = 503
     stream_keepalive_seconds: Positive = 10
+    stream_resume: StreamResume = Field(default_factory=StreamResume)
     hard_stop_conditions: HardStopConditions = Field(default_factory=HardStopConditions)
     empty_response: EmptyResponse = Field(default_factory=EmptyResponse)
 

@@ -87,6 +87,8 @@ class Exchange:
     tried: dict[str, str] = field(default_factory=dict)
     history: History = field(default_factory=History)
     started: float = field(default_factory=time.monotonic)
+    #: Seconds a stream spent flowing to the client: not failing, so not on the time budget.
+    flowing: float = 0.0
     last_problem: str = ""
     last_code: str = ""  # the last failed attempt's status or failure kind, for keep-alives
     calls: int = 0  # upstream attempts made (a retry the breaker refused is not one)
@@ -101,6 +103,10 @@ class Exchange:
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
+
+    def spent(self) -> float:
+        """Seconds spent on the time budget (``max_total_seconds``): all but the flowing."""
+        return self.elapsed() - self.flowing
 
     def client_secrets(self) -> list[str]:
         return header_secrets(self.request.headers)

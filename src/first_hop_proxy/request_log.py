@@ -62,6 +62,25 @@ class AttemptRecord:
 
 
 @dataclass
+class ResumeRecord:
+    """One try at finishing a stream that broke after its content had started."""
+
+    number: int
+    #: What ended the stream before it, and how much the client had by then.
+    broke: str = ""
+    chars: int = 0
+    events: int = 0
+    #: The number of its first upstream attempt (it may take several).
+    first_attempt: int = 0
+    #: The continuation request's last messages (the prefill), as JSON; the rest is
+    #: the request's own.
+    messages: bytes = b""
+    #: The restated passage cut from the continuation's start.
+    cut: str = ""
+    outcome: str = ""
+
+
+@dataclass
 class RequestRecord:
     """Everything about one request, filled in by the server as it happens.
 
@@ -81,6 +100,7 @@ class RequestRecord:
     model: str | None = None
     stream: bool = False
     attempts: list[AttemptRecord] = field(default_factory=list)
+    resumes: list[ResumeRecord] = field(default_factory=list)
     final_status: int | None = None
     #: The HTTP status the client was sent, when it differs from ``final_status``
     #: (a stream that had started with 200 and then failed).
@@ -107,6 +127,12 @@ class RequestRecord:
         attempt = AttemptRecord(number=len(self.attempts) + 1, **fields)
         self.attempts.append(attempt)
         return attempt
+
+    def add_resume(self, **fields: Any) -> ResumeRecord:
+        """Append the next stream resume (numbered from 1) and return it for filling in."""
+        resume = ResumeRecord(number=len(self.resumes) + 1, **fields)
+        self.resumes.append(resume)
+        return resume
 
     def add_stream_text(self, index: int, text: str) -> None:
         """Add a streamed content delta for choice ``index``; first content is timed."""
@@ -241,6 +267,11 @@ def format_request_log(
             )
     for attempt in record.attempts:
         lines += _section(f"UPSTREAM ATTEMPT #{attempt.number}:", _attempt_lines(attempt, redactor))
+    for resume in record.resumes:
+        lines += _section(
+            f"STREAM RESUME #{resume.number}:",
+            _resume_lines(resume, redactor, cfg.include_request_data),
+        )
     if record.error:
         lines += _section("ERROR:", [redactor.text(record.error)])
     if cfg.include_headers and record.response_headers is not None:
@@ -319,12 +350,38 @@ def _attempt_lines(attempt: AttemptRecord, redactor: Redactor) -> list[str]:
     return lines
 
 
+def _resume_lines(resume: ResumeRecord, redactor: Redactor, bodies: bool) -> list[str]:
+    lines = [
+        f"Broke After: {resume.chars} characters of text, {resume.events} events: "
+        + redactor.text(resume.broke),
+        f"Upstream Attempts: from #{resume.first_attempt}",
+    ]
+    if bodies:
+        lines += [
+            "Request: the REQUEST DATA above, its messages ending with:",
+            _body_text(resume.messages, redactor),
+        ]
+    if resume.cut:
+        cut = redactor.text(repr(resume.cut))
+        lines.append(f"Overlap Cut: {cut} ({len(resume.cut)} characters)")
+    lines.append(f"Outcome: {redactor.text(resume.outcome or 'not finished')}")
+    return lines
+
+
 def _response_lines(record: RequestRecord, redactor: Redactor) -> list[str]:
     if not record.stream:
         if record.response_body is None:
             return ["(no response)"]
         return [_body_text(record.response_body, redactor)]
     lines = [f"Stream Events: {record.stream_events}"]
+    if record.resumes:
+        joined = sum(r.outcome == "joined" for r in record.resumes)
+        lines.append(
+            f"Streams Joined: {joined + 1} (the text below is what the client got; "
+            "see STREAM RESUME)"
+            if joined
+            else "Streams Joined: 1 (resuming did not finish the reply)"
+        )
     if record.first_content is not None:
         lines.append(f"Time To First Content: {record.first_content:.3f} seconds")
     for index in sorted(set(record.stream_text) | set(record.finish_reasons)):
@@ -372,6 +429,7 @@ class RequestLog:
         size += sum(len(piece) for parts in record.stream_text.values() for piece in parts)
         size += sum(map(len, record.stream_data))
         size += sum(len(attempt.reply) for attempt in record.attempts)
+        size += sum(len(resume.messages) for resume in record.resumes)
         self._writer.submit_call(lambda: self._write(record), size, droppable=record.plain_success)
 
     def entries(self, limit: int) -> list[RequestEntry]:

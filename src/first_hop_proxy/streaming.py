@@ -1,8 +1,10 @@
 """Relaying a stream: held back until its first content, then passed on event by event.
 
 Until the first content arrives nothing is committed, so failures are retried
-unseen; a failure after content can only be told to the client as an error
-event followed by ``data: [DONE]``.
+unseen. A failure after content is told to the client as an error event
+followed by ``data: [DONE]``, unless ``error_handling.stream_resume`` finishes
+the reply: a continuation is then fetched like any attempt and joined to what
+the client already has (:mod:`resume`).
 """
 
 from __future__ import annotations
@@ -10,23 +12,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
 
-from .attempts import attempt_until_decided
+from .attempts import Attempt, attempt_until_decided
 from .backoff import most_attempts
-from .decisions import Action, Outcome, decide
+from .decisions import Action, Outcome, decide, failure_summary
 from .dialects import disguised_error
-from .errors import error_body
 from .exchange import ChatRequest, Exchange, failure_body, failure_response, note_failure
 from .headers import client_headers
 from .keys import Key
+from .resume import Seam, Transcript, add_usage, continuation_payload
 from .sse import DONE, comment, event_data, frame, parse_event
 from .upstream import TRANSPORT_ERRORS, Reply, failure, open_stream
 from .upstreams import Upstream
+
+T = TypeVar("T")
 
 STREAM_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -44,46 +49,15 @@ async def relay_stream(ex: Exchange, chat: ChatRequest) -> web.StreamResponse:
     ignore comments, and nothing in between times out. A failure after that
     commit can only be reported as an error event.
     """
-    settings, session = ex.settings, ex.state.session
-    interval = settings.config.error_handling.stream_keepalive_seconds
+    settings = ex.settings
     policy = settings.policy
-    max_attempts = most_attempts(
+    most = most_attempts(
         policy.max_retries, policy.base_delay, policy.max_delay, policy.max_total_seconds
     )
-
-    def attempt(upstream: Upstream, key: Key | None) -> Awaitable[Reply]:
-        body, headers = chat.for_upstream(upstream, key)
-        return open_stream(session, upstream, body, headers, policy.disguise_title)
-
-    finder = asyncio.ensure_future(attempt_until_decided(ex, attempt))
-    out: web.StreamResponse | None = None
-    try:
-        while True:
-            done, _ = await asyncio.wait({finder}, timeout=interval)
-            if done:
-                break
-            if out is None:
-                out = web.StreamResponse(status=200, headers=STREAM_HEADERS)
-                await out.prepare(ex.request)
-            last = ""
-            if ex.last_code:
-                problem = " ".join(ex.last_problem.split())  # a comment is one line
-                problem = problem[:60] + ("..." if len(problem) > 60 else "")
-                last = f", last error {ex.last_code}" + (f" ({problem})" if problem else "")
-                if settings.several and ex.upstream is not None:
-                    last += f", now at {ex.upstream.name}"
-            n = ex.history.attempts
-            # Empty and conditional retries have budgets of their own: never "5 of 3".
-            doing = "retrying" if ex.last_code else "waiting for the first token"
-            await out.write(
-                comment(f"{doing}, attempt {n} of at most {max(max_attempts, n)}{last}")
-            )
-        decision, reply = finder.result()
-    finally:
-        if not finder.done():
-            finder.cancel()
-            with contextlib.suppress(BaseException):
-                await finder
+    found, out = await keep_alive(
+        ex, None, attempt_until_decided(ex, stream_attempt(ex, chat)), lambda: progress(ex, most)
+    )
+    decision, reply = found
     if decision.action is not Action.DELIVER or reply is None:
         if reply is not None:
             reply.close()
@@ -107,10 +81,75 @@ async def relay_stream(ex: Exchange, chat: ChatRequest) -> web.StreamResponse:
         await out.write_eof()
         return out
     if out is None:
-        out = web.StreamResponse(status=200, headers=STREAM_HEADERS)
-        await out.prepare(ex.request)
-    await pump(ex, out, reply)
+        out = await commit(ex)
+    ex.record.first_content = time.monotonic() - ex.record.started_mono
+    relay = Relay(ex, out)
+    ended = await relay.pump(reply)
+    if isinstance(ended, Break):
+        await resume_or_tell(ex, chat, relay, ended, most)
+    else:
+        await relay.finish()
+    await out.write_eof()
     return out
+
+
+def stream_attempt(ex: Exchange, chat: ChatRequest) -> Attempt:
+    """One streaming attempt at an upstream, read up to its first content."""
+    session, title = ex.state.session, ex.settings.policy.disguise_title
+
+    def attempt(upstream: Upstream, key: Key | None) -> Awaitable[Reply]:
+        body, headers = chat.for_upstream(upstream, key)
+        return open_stream(session, upstream, body, headers, title)
+
+    return attempt
+
+
+async def commit(ex: Exchange) -> web.StreamResponse:
+    """Start the client's stream: from here on, only events can tell it anything."""
+    out = web.StreamResponse(status=200, headers=STREAM_HEADERS)
+    await out.prepare(ex.request)
+    return out
+
+
+async def keep_alive(
+    ex: Exchange, out: web.StreamResponse | None, job: Awaitable[T], say: Callable[[], str]
+) -> tuple[T, web.StreamResponse | None]:
+    """Await ``job``, sending the client a comment every ``stream_keepalive_seconds``.
+
+    The first comment commits the response when ``out`` is None. The job is
+    cancelled (and its upstream request closed) when the client leaves.
+    """
+    interval = ex.settings.config.error_handling.stream_keepalive_seconds
+    task = asyncio.ensure_future(job)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=interval)
+            if done:
+                return task.result(), out
+            if out is None:
+                out = await commit(ex)
+            await out.write(comment(say()))
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+def progress(ex: Exchange, most: int, resuming: str = "") -> str:
+    """The keep-alive comment: which attempt, and what the last one said."""
+    last = ""
+    if ex.last_code:
+        problem = " ".join(ex.last_problem.split())  # a comment is one line
+        problem = problem[:60] + ("..." if len(problem) > 60 else "")
+        last = f", last error {ex.last_code}" + (f" ({problem})" if problem else "")
+        if ex.settings.several and ex.upstream is not None:
+            last += f", now at {ex.upstream.name}"
+    n = ex.history.attempts
+    # Empty and conditional retries have budgets of their own: never "5 of 3".
+    doing = "retrying" if ex.last_code else "waiting for the first token"
+    about = f"{resuming}: " if resuming else ""
+    return f"{about}{doing}, attempt {n} of at most {max(most, n)}{last}"
 
 
 def one_line(body: bytes) -> bytes:
@@ -136,84 +175,323 @@ async def upstream_events(reply: Reply) -> AsyncIterator[bytes]:
         yield rest
 
 
-async def pump(ex: Exchange, out: web.StreamResponse, reply: Reply) -> None:
-    """Relay a stream that has content, each event written as soon as it is read.
+@dataclass(slots=True)
+class Break:
+    """A stream that ended early, after its content had started reaching the client."""
+
+    what: str  # what happened, for the logs
+    message: str  # the start of the client's error message
+    error_type: str
+    #: Whether a continuation may help: the connection broke, or a retryable error came.
+    resumable: bool
+    #: The client's error as it must go out (a hard stop's); never resumed.
+    told: bytes | None = None
+
+    def body(self, ex: Exchange, resumed: str = "") -> bytes:
+        """The client's error event; ``resumed`` says how resuming went, when it was tried."""
+        if self.told is not None:
+            return self.told
+        message = f"{self.message}{resumed} The text above is incomplete; regenerate to retry."
+        error = {"message": message, "type": self.error_type, "code": "stream_interrupted"}
+        return orjson.dumps(ex.redactor().obj({"error": error}))
+
+
+@dataclass(frozen=True, slots=True)
+class Restart:
+    """A continuation that started the reply over: dropped before any of it was sent."""
+
+    head: str
+
+
+class Relay:
+    """The client's one stream, fed by the first upstream stream and any continuations.
 
     Events are parsed only when something needs their content: response
-    rewrite rules, or the request log's record of the assembled text.
+    rewrite rules, a continuation being joined, or (on the log writer thread)
+    the request log's record of the assembled text. The response rewriter
+    runs over the joined text as one text: its held-back text waits across a
+    break for the continuation.
+    """
+
+    def __init__(self, ex: Exchange, out: web.StreamResponse) -> None:
+        settings = ex.settings
+        self.ex, self.out = ex, out
+        rewriter = settings.rewriter
+        self.rewriting = rewriter.stream() if rewriter.has_response_rules else None
+        self.observing = (
+            settings.request_log.enabled and settings.config.logging.include_response_data
+        )
+        # A community proxy's error after content: a chunk whose finish_reason is its title.
+        self.disguises = settings.policy.disguise_title is not None
+        resuming = settings.config.error_handling.stream_resume.enabled
+        self.transcript = Transcript() if resuming else None
+        #: The continuation being relayed (None: the first stream).
+        self.seam: Seam | None = None
+
+    async def pump(self, reply: Reply, resuming: str = "") -> Break | Restart | None:
+        """Relay one upstream stream that has content, each event as soon as it is read.
+
+        Returns how it ended: None when it ended well. A continuation's start is
+        held until it is joined, with keep-alive comments (``resuming`` says
+        which resume) while that takes long.
+        """
+        ex, out, record = self.ex, self.out, self.ex.record
+        plain = self.seam is None and self.rewriting is None
+        observing, transcript, disguises = self.observing, self.transcript, self.disguises
+        keeping = observing or transcript is not None
+        began = time.monotonic()
+        events = upstream_events(reply)
+        try:
+            while self.seam is not None and self.seam.joined is None:
+                event, _ = await keep_alive(
+                    ex, out, anext(events, None), lambda: f"{resuming}: joining it to the text"
+                )
+                if event is None:
+                    break
+                record.stream_events += 1
+                ended = await self.take(event)
+                if ended is not None:
+                    return ended
+            async for event in events:
+                record.stream_events += 1
+                if plain and not (b'"error"' in event or (disguises and b"roxy " in event)):
+                    if keeping:
+                        data = event_data(event)
+                        if data and data != DONE:
+                            if observing:
+                                record.stream_data.append(data)  # parsed later, by the log writer
+                            if transcript is not None:
+                                transcript.add_data(data)
+                    await out.write(event + b"\n\n")
+                    continue
+                ended = await self.take(event)
+                if ended is not None:
+                    return ended
+            return await self.settle()
+        except TRANSPORT_ERRORS as exc:
+            transport = ex.request.transport
+            if transport is None or transport.is_closing():
+                raise  # the client left: nobody to tell
+            broke = cut_off(ex, exc)
+            await self.settle()
+            return broke
+        finally:
+            reply.close()
+            ex.flowing += time.monotonic() - began
+
+    async def take(self, event: bytes) -> Break | Restart | None:
+        """One event that needs more than passing on: checked, parsed, joined, rewritten."""
+        if b'"error"' in event or (self.disguises and b"roxy " in event):
+            broke = error_after_content(self.ex, event)
+            if broke is not None:
+                await self.settle()
+                return broke
+        data = event_data(event)
+        payload = parse_event(data)
+        if payload is None:
+            if data == DONE:
+                restart = await self.settle()
+                if restart is not None:
+                    return restart
+                if self.rewriting is not None:
+                    await self.emit(self.rewriting.flush())
+            await self.out.write(event + b"\n\n")
+            return None
+        if self.seam is None:
+            if self.transcript is not None and data is not None:
+                self.transcript.add_data(data)
+            await self.send([payload])
+            return None
+        chunks = self.seam.take(payload)
+        if chunks is None:
+            return Restart(self.seam.head)
+        await self.joined(chunks)
+        return None
+
+    async def settle(self) -> Restart | None:
+        """Nothing more is coming: join a continuation whose start is still held."""
+        seam = self.seam
+        if seam is None or seam.joined is not None:
+            return None
+        chunks = seam.decide(final=True)
+        if chunks is None:
+            return Restart(seam.head)
+        await self.joined(chunks)
+        return None
+
+    async def joined(self, chunks: list[dict[str, Any]]) -> None:
+        """A continuation's chunks, joined: kept as the reply so far, then sent."""
+        transcript = self.transcript
+        assert transcript is not None  # continuations exist only when resuming
+        for chunk in chunks:
+            transcript.add(chunk)
+            add_usage(chunk, transcript.earlier)
+        await self.send(chunks)
+
+    async def send(self, chunks: list[dict[str, Any]]) -> None:
+        """Parsed chunks to the client, through the reply rules when there are some."""
+        if self.rewriting is None:
+            await self.emit(chunks)
+            return
+        for chunk in chunks:
+            await self.emit(self.rewriting.feed(chunk))
+
+    async def emit(self, chunks: list[dict[str, Any]]) -> None:
+        """Write chunks out (and keep them for the log)."""
+        for chunk in chunks:
+            data = orjson.dumps(chunk)
+            if self.observing:
+                self.ex.record.stream_data.append(data)
+            await self.out.write(frame(data))
+
+    async def finish(self) -> None:
+        """The reply is over: the reply rules' held-back text goes out."""
+        if self.rewriting is not None:
+            await self.emit(self.rewriting.flush())
+            self.ex.rule_timeouts(self.rewriting.timeouts)
+
+    async def fail(self, broke: Break, resumed: str = "") -> None:
+        """The reply is over, incomplete: the text held back, then the error and ``[DONE]``."""
+        await self.finish()
+        await self.out.write(frame(broke.body(self.ex, resumed)) + frame(DONE))
+
+
+async def resume_or_tell(
+    ex: Exchange, chat: ChatRequest, relay: Relay, broke: Break, most: int
+) -> None:
+    """A stream broke after content: finish the reply with continuations when
+    ``error_handling.stream_resume`` is on and they can help, else tell the client."""
+    settings = ex.settings
+    resume = settings.config.error_handling.stream_resume
+    limit = settings.policy.max_total_seconds
+    first = broke
+    tried: list[str] = []  # how each resume ended
+    while resume.enabled and len(tried) < resume.max_resumes:
+        assert relay.transcript is not None  # kept when resuming is on
+        if not broke.resumable:
+            unfit = "a retry cannot fix this error"
+        elif limit is not None and ex.spent() >= limit:
+            unfit = "the time budget (error_handling.max_total_seconds) was spent"
+        else:
+            unfit = relay.transcript.problem()
+        if unfit:
+            ex.outcome_note += f"; not resumed: {unfit}"
+            break
+        ended = await resume_once(ex, chat, relay, broke, len(tried) + 1, most)
+        if ended is None:
+            n = len(tried) + 1
+            ex.ended_status = None  # the client got the whole reply after all
+            ex.outcome_note = f"stream resumed {times(n)} after it broke ({first.what})"
+            await relay.finish()
+            return
+        if isinstance(ended, Break):
+            broke = ended
+            tried.append("the last try broke too")
+        elif isinstance(ended, Restart):
+            tried.append("the last try started the reply over")
+        else:
+            tried.append(f"the last try failed: {ended}")
+            break
+    resumed = ""
+    if tried:
+        resumed = f" Resuming it was tried {times(len(tried))}; {tried[-1]}."
+        ex.outcome_note += f"; resuming tried {times(len(tried))}"
+    await relay.fail(broke, resumed)
+
+
+def times(n: int) -> str:
+    return {1: "once", 2: "twice"}.get(n, f"{n} times")
+
+
+async def resume_once(
+    ex: Exchange, chat: ChatRequest, relay: Relay, broke: Break, number: int, most: int
+) -> Break | Restart | str | None:
+    """One try at finishing the reply: the request again with the text so far as a
+    prefill, attempted like any request (retries, failover), its stream joined on.
+
+    Returns how it ended: None joined to the end, a Break or a Restart, or why
+    no continuation came.
     """
     settings = ex.settings
-    rewriting = settings.rewriter.stream() if settings.rewriter.has_response_rules else None
-    observing = settings.request_log.enabled and settings.config.logging.include_response_data
-    record = ex.record
-    record.first_content = time.monotonic() - record.started_mono
-    interrupted: bytes | None = None
-    # A community proxy's error after content: a chunk whose finish_reason is its title.
-    disguises = settings.policy.disguise_title is not None
-
-    async def emit(chunks: list[dict[str, Any]]) -> None:
-        """Send chunks the reply rules produced (and keep their text for the log)."""
-        for chunk in chunks:
-            if observing:
-                record.add_chunk(chunk)
-            await out.write(frame(orjson.dumps(chunk)))
-
-    try:
-        async for event in upstream_events(reply):
-            record.stream_events += 1
-            if b'"error"' in event or (disguises and b"roxy " in event):
-                interrupted = error_after_content(ex, event)
-                if interrupted is not None:
-                    break
-            if rewriting is None:
-                if observing:
-                    data = event_data(event)
-                    if data and data != DONE:
-                        record.stream_data.append(data)  # parsed later, by the log writer
-                await out.write(event + b"\n\n")
-                continue
-            data = event_data(event)
-            payload = parse_event(data)
-            if payload is None:
-                if data == DONE:
-                    await emit(rewriting.flush())
-                await out.write(event + b"\n\n")
-                continue
-            await emit(rewriting.feed(payload))
-        if rewriting is not None:
-            await emit(rewriting.flush())
-            ex.rule_timeouts(rewriting.timeouts)
-    except TRANSPORT_ERRORS as exc:
-        transport = ex.request.transport
-        if transport is None or transport.is_closing():
-            raise  # the client left: nobody to tell
-        assert ex.upstream is not None  # the one whose stream this is
-        kind, message = failure(exc, ex.upstream)
-        text = (
-            f"The reply was cut off: {message} The text above is incomplete; regenerate to retry."
+    resume = settings.config.error_handling.stream_resume
+    transcript = relay.transcript
+    assert transcript is not None
+    delivered = transcript.text()
+    transcript.end_stream()
+    payload = continuation_payload(chat.payload, delivered, resume.continue_instruction)
+    again = ChatRequest(orjson.dumps(payload), payload, chat.headers, True, chat.model)
+    added = 2 if resume.continue_instruction else 1
+    record = ex.record.add_resume(
+        broke=broke.what,
+        chars=len(delivered),
+        events=ex.record.stream_events,
+        first_attempt=len(ex.record.attempts) + 1,
+        messages=orjson.dumps(payload["messages"][-added:]),
+    )
+    ex.history = ex.history.moved_on()
+    ex.last_code = ex.last_problem = ""
+    resuming = f"resuming the reply ({number} of at most {resume.max_resumes})"
+    found, _ = await keep_alive(
+        ex,
+        relay.out,
+        attempt_until_decided(ex, stream_attempt(ex, again)),
+        lambda: progress(ex, most, resuming),
+    )
+    decision, reply = found
+    if decision.action is not Action.DELIVER or reply is None or not reply.events:
+        if reply is not None:
+            reply.close()
+        why = failure_summary(decision)
+        if decision.action is Action.DELIVER:
+            why = "the upstream answered with a whole reply, not a stream"
+        record.outcome = f"failed: {why}"
+        return why
+    relay.seam = Seam(delivered, transcript.first)
+    ended = await relay.pump(reply, resuming)
+    record.cut = relay.seam.cut_text
+    if ended is None:
+        record.outcome = "joined"
+    elif isinstance(ended, Restart):
+        record.outcome = "started the reply over: dropped unseen"
+        attempt = ex.record.attempts[-1]
+        attempt.action, attempt.reason = "dropped", "the continuation started the reply over"
+        attempt.reply = ended.head.encode()
+        ex.error_event(
+            "resume_restarted",
+            "ResumeRestarted",
+            "A stream's continuation started the reply over; it was dropped unseen",
+            response_text=ended.head,
         )
-        ex.outcome_note = f"stream failed after content: {kind}"
-        ex.ended_status = 504 if kind == "timeout" else 502
-        record.error = message
-        ex.error_event(kind, "StreamInterrupted", message, context={"after_content": True})
-        error_type = "timeout" if kind == "timeout" else "connection_error"
-        interrupted = error_body(text, error_type, "stream_interrupted")
-    finally:
-        reply.close()
-    if interrupted is not None:
-        await out.write(frame(interrupted) + frame(DONE))
-    await out.write_eof()
+    else:
+        record.outcome = f"broke again: {ended.what}"
+    return ended
 
 
-def error_after_content(ex: Exchange, event: bytes) -> bytes | None:
-    """The client's error event for an upstream error event after content.
+def cut_off(ex: Exchange, exc: BaseException) -> Break:
+    """The break for a transport failure after content (reset, cut short, silence)."""
+    assert ex.upstream is not None  # the one whose stream this is
+    kind, message = failure(exc, ex.upstream)
+    ex.outcome_note = f"stream failed after content: {kind}"
+    ex.ended_status = 504 if kind == "timeout" else 502
+    ex.record.error = message
+    ex.error_event(kind, "StreamInterrupted", message, context={"after_content": True})
+    return Break(
+        what=f"{kind}: {message}",
+        message=f"The reply was cut off: {message}",
+        error_type="timeout" if kind == "timeout" else "connection_error",
+        resumable=True,
+    )
+
+
+def error_after_content(ex: Exchange, event: bytes) -> Break | None:
+    """The break for an upstream error event after content.
 
     An error event is ``{"error": ...}``, or a chunk whose ``finish_reason`` is a
     community proxy's error title (:mod:`dialects`): its text is an error, not
     more of the reply. None when ``event`` is neither. Nothing can be retried
-    once text has reached the client: the decision core only supplies the
-    upstream's own message and status, or the hard-stop reply when a hard-stop
-    rule matches.
+    once text has reached the client: the decision core supplies the upstream's
+    own message and status, whether a retry could help (a continuation can
+    then), or the hard-stop reply when a hard-stop rule matches.
     """
     data = event_data(event)
     payload = parse_event(data)
@@ -243,16 +521,16 @@ def error_after_content(ex: Exchange, event: bytes) -> bytes | None:
         response_text=text,
         context={"after_content": True, "outcome": "stream ended with an error event"},
     )
+    what = f"error event: {ex.record.error}"
     if decision.action is Action.HARD_STOP:
-        return failure_body(ex, decision)
+        return Break(what, "", "hard_stop_error", resumable=False, told=failure_body(ex, decision))
     said = f": {decision.upstream_message}" if decision.upstream_message else ""
-    message = (
-        f"The upstream reported an error after the reply had started{said}. "
-        "The text above is incomplete; regenerate to retry."
+    retryable = decision.action is Action.RETRY or (
+        decision.action is Action.FAIL and decision.gave_up is not None
     )
-    error = {
-        "message": message,
-        "type": decision.error_type or "upstream_error",
-        "code": "stream_interrupted",
-    }
-    return orjson.dumps(ex.redactor().obj({"error": error}))
+    return Break(
+        what=what,
+        message=f"The upstream reported an error after the reply had started{said}.",
+        error_type=decision.error_type or "upstream_error",
+        resumable=retryable,
+    )
