@@ -9,6 +9,8 @@ went away, so tests can assert what the proxy sent and when it hung up.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import re
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -155,6 +157,113 @@ class Reset(Behaviour):
         assert request.transport is not None
         request.transport.abort()
         return web.Response()
+
+
+_PROSE_IDS = itertools.count(1)
+
+
+def words(text: str) -> list[str]:
+    """``text`` as a model streams it: one token per word, with its leading space."""
+    return re.findall(r"\s*\S+", text)
+
+
+def prefill_of(messages: Any) -> str | None:
+    """The assistant text a request asks to be continued: its last assistant message
+    when nothing but a user instruction follows it."""
+    if not isinstance(messages, list):
+        return None
+    for message in reversed(messages[-2:]):
+        if isinstance(message, dict) and message.get("role") == "assistant":
+            content = message.get("content")
+            return content if isinstance(content, str) else None
+    return None
+
+
+@dataclass
+class Prose(Behaviour):
+    """A model writing ``text`` word by word, whose stream can break, and which
+    continues from an assistant prefill.
+
+    When the request's messages end with an assistant message (or one followed
+    by a user instruction) whose text is the start of ``text``, it streams the
+    rest: saying the last ``restate`` words again first, or everything from the
+    beginning when ``restart``. ``cut_after``: words sent before the stream
+    breaks, as ``cut`` says: "reset" (the connection dropped), "error" (an
+    error event), "silence" (nothing more, the connection kept open),
+    "disguised" (a community proxy's error chunk). Each stream has its own
+    ``id`` and ``created``; ``usage``: "final" (a last chunk with the words sent
+    as completion tokens) or "each" (every chunk carries the count so far).
+    """
+
+    text: str
+    cut_after: int | None = None
+    cut: str = "reset"
+    restate: int = 0
+    restart: bool = False
+    model: str = "fake-model"
+    usage: str | None = None
+    gap: float = 0.0
+    status_code: int = 503
+
+    def tokens(self, messages: Any) -> list[str]:
+        """The words this request gets: the rest of ``text`` after a prefill, or all of it."""
+        prefill = prefill_of(messages)
+        if prefill is None or self.restart or not self.text.startswith(prefill):
+            return words(self.text)
+        said = words(prefill)
+        again = "".join(said[len(said) - self.restate :]) if self.restate else ""
+        return words(again + self.text[len(prefill) :])
+
+    async def run(self, request: web.Request, upstream: FakeUpstream) -> web.StreamResponse:
+        n = next(_PROSE_IDS)
+        body = orjson.loads(await request.read())
+        tokens = self.tokens(body.get("messages"))
+        stamp = {"id": f"chatcmpl-prose-{n}", "created": 1700000000 + n, "model": self.model}
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+
+        async def send(event: dict[str, Any]) -> None:
+            if self.gap:
+                await asyncio.sleep(self.gap)
+            await out.write(b"data: " + orjson.dumps({**event, **stamp}) + b"\n\n")
+
+        await send(chunk(role=True, text=""))
+        for i, token in enumerate(tokens):
+            if self.cut_after is not None and i == self.cut_after:
+                return await self.break_off(request, out, send)
+            event = chunk(token)
+            if self.usage == "each":
+                event["usage"] = usage(i + 1)
+            await send(event)
+        await send(chunk(finish="stop"))
+        if self.usage == "final":
+            await send(
+                {"object": "chat.completion.chunk", "choices": [], "usage": usage(len(tokens))}
+            )
+        await out.write(b"data: [DONE]\n\n")
+        await out.write_eof()
+        return out
+
+    async def break_off(
+        self, request: web.Request, out: web.StreamResponse, send: Any
+    ) -> web.StreamResponse:
+        if self.cut == "reset":
+            assert request.transport is not None
+            request.transport.abort()
+            return out
+        if self.cut == "silence":
+            await asyncio.sleep(3600)
+        elif self.cut == "error":
+            await send({"error": {"message": "upstream overloaded", "code": self.status_code}})
+        elif self.cut == "disguised":
+            await send(disguised_chunk(status=self.status_code, reason="Service Unavailable"))
+        await out.write(b"data: [DONE]\n\n")
+        await out.write_eof()
+        return out
+
+
+def usage(completion: int) -> dict[str, int]:
+    return {"prompt_tokens": 10, "completion_tokens": completion, "total_tokens": 10 + completion}
 
 
 class FakeUpstream:
