@@ -375,12 +375,9 @@ def _response_lines(record: RequestRecord, redactor: Redactor) -> list[str]:
         return [_body_text(record.response_body, redactor)]
     lines = [f"Stream Events: {record.stream_events}"]
     if record.resumes:
-        joined = sum(r.outcome == "joined" for r in record.resumes)
         lines.append(
-            f"Streams Joined: {joined + 1} (the text below is what the client got; "
-            "see STREAM RESUME)"
-            if joined
-            else "Streams Joined: 1 (resuming did not finish the reply)"
+            f"Stream Resumes: {len(record.resumes)} (see STREAM RESUME); "
+            "the text below is what the client got, joined"
         )
     if record.first_content is not None:
         lines.append(f"Time To First Content: {record.first_content:.3f} seconds")

@@ -47,7 +47,8 @@ async def relay_stream(ex: Exchange, chat: ChatRequest) -> web.StreamResponse:
     retried unseen. If that takes longer than ``stream_keepalive_seconds``, the
     response is committed and an SSE comment goes out every interval: clients
     ignore comments, and nothing in between times out. A failure after that
-    commit can only be reported as an error event.
+    commit can only be reported as an error event; one after content may be
+    resumed (:func:`resume_or_tell`).
     """
     settings = ex.settings
     policy = settings.policy
@@ -179,6 +180,7 @@ async def upstream_events(reply: Reply) -> AsyncIterator[bytes]:
 class Break:
     """A stream that ended early, after its content had started reaching the client."""
 
+    kind: str  # connection_error, timeout, cut_short, error_event
     what: str  # what happened, for the logs
     message: str  # the start of the client's error message
     error_type: str
@@ -237,8 +239,8 @@ class Relay:
         """
         ex, out, record = self.ex, self.out, self.ex.record
         plain = self.seam is None and self.rewriting is None
-        observing, transcript, disguises = self.observing, self.transcript, self.disguises
-        keeping = observing or transcript is not None
+        disguises = self.disguises
+        keeping = self.observing or self.transcript is not None
         began = time.monotonic()
         events = upstream_events(reply)
         try:
@@ -258,10 +260,7 @@ class Relay:
                     if keeping:
                         data = event_data(event)
                         if data and data != DONE:
-                            if observing:
-                                record.stream_data.append(data)  # parsed later, by the log writer
-                            if transcript is not None:
-                                transcript.add_data(data)
+                            self.keep(data)
                     await out.write(event + b"\n\n")
                     continue
                 ended = await self.take(event)
@@ -279,6 +278,13 @@ class Relay:
             reply.close()
             ex.flowing += time.monotonic() - began
 
+    def keep(self, data: bytes) -> None:
+        """An event's data relayed as it came: for the log and the reply so far."""
+        if self.observing:
+            self.ex.record.stream_data.append(data)  # parsed later, by the log writer
+        if self.transcript is not None:
+            self.transcript.add_data(data)
+
     async def take(self, event: bytes) -> Break | Restart | None:
         """One event that needs more than passing on: checked, parsed, joined, rewritten."""
         if b'"error"' in event or (self.disguises and b"roxy " in event):
@@ -287,6 +293,11 @@ class Relay:
                 await self.settle()
                 return broke
         data = event_data(event)
+        if self.seam is None and self.rewriting is None:  # it only looked like an error
+            if data and data != DONE:
+                self.keep(data)
+            await self.out.write(event + b"\n\n")
+            return None
         payload = parse_event(data)
         if payload is None:
             if data == DONE:
@@ -299,7 +310,7 @@ class Relay:
             return None
         if self.seam is None:
             if self.transcript is not None and data is not None:
-                self.transcript.add_data(data)
+                self.transcript.add_data(data)  # as it came, before the rules change it
             await self.send([payload])
             return None
         chunks = self.seam.take(payload)
@@ -381,7 +392,7 @@ async def resume_or_tell(
         if ended is None:
             n = len(tried) + 1
             ex.ended_status = None  # the client got the whole reply after all
-            ex.outcome_note = f"stream resumed {times(n)} after it broke ({first.what})"
+            ex.outcome_note = f"stream resumed {times(n)} after it broke ({first.kind})"
             await relay.finish()
             return
         if isinstance(ended, Break):
@@ -419,7 +430,13 @@ async def resume_once(
     delivered = transcript.text()
     transcript.end_stream()
     payload = continuation_payload(chat.payload, delivered, resume.continue_instruction)
-    again = ChatRequest(orjson.dumps(payload), payload, chat.headers, True, chat.model)
+    again = ChatRequest(
+        body=orjson.dumps(payload),
+        payload=payload,
+        headers=chat.headers,
+        stream=True,
+        model=chat.model,
+    )
     added = 2 if resume.continue_instruction else 1
     record = ex.record.add_resume(
         broke=broke.what,
@@ -476,6 +493,7 @@ def cut_off(ex: Exchange, exc: BaseException) -> Break:
     ex.record.error = message
     ex.error_event(kind, "StreamInterrupted", message, context={"after_content": True})
     return Break(
+        kind=kind,
         what=f"{kind}: {message}",
         message=f"The reply was cut off: {message}",
         error_type="timeout" if kind == "timeout" else "connection_error",
@@ -523,12 +541,14 @@ def error_after_content(ex: Exchange, event: bytes) -> Break | None:
     )
     what = f"error event: {ex.record.error}"
     if decision.action is Action.HARD_STOP:
-        return Break(what, "", "hard_stop_error", resumable=False, told=failure_body(ex, decision))
+        told = failure_body(ex, decision)
+        return Break("error_event", what, "", "hard_stop_error", resumable=False, told=told)
     said = f": {decision.upstream_message}" if decision.upstream_message else ""
     retryable = decision.action is Action.RETRY or (
         decision.action is Action.FAIL and decision.gave_up is not None
     )
     return Break(
+        kind="error_event",
         what=what,
         message=f"The upstream reported an error after the reply had started{said}.",
         error_type=decision.error_type or "upstream_error",
