@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,17 @@ import pytest
 from first_hop_proxy.server import RunningServer
 
 from .conftest import StartProxy, chat_body, merge, wait_until
-from .fake_upstream import FakeUpstream, Hang, Json, Prose, Reset, Sse, disguised_chunk, words
+from .fake_upstream import (
+    FakeUpstream,
+    Hang,
+    Json,
+    Prose,
+    Reset,
+    Sse,
+    chunk,
+    disguised_chunk,
+    words,
+)
 from .log_helpers import request_logs, section, settle
 from .test_stream_resilience import comments_of, data_events
 
@@ -147,11 +158,13 @@ OTHER = "Once upon a time, there was a dragon who dozed in a cave by the sea."
 
 
 async def test_a_continuation_that_starts_over_is_refused(
-    start_proxy: StartProxy, upstream: FakeUpstream, client: aiohttp.ClientSession
+    start_proxy: StartProxy, upstream: FakeUpstream, client: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     proxy = await start_proxy(resuming(error_handling={"stream_resume": {"max_resumes": 1}}))
     upstream.queue(Prose(TEXT, cut_after=12), Prose(OTHER, restart=True), Prose(TEXT))
-    body = await stream(client, proxy)
+    async with client.post(proxy.url + CHAT, json=chat_body(stream=True)) as resp:
+        request_id = resp.headers["X-Request-ID"]
+        body = (await resp.read()).decode()
     assert content_of(body) == first_words(12)
     assert "dozed" not in body  # nothing of the restart reached the client
     error = stream_error(body)
@@ -160,6 +173,12 @@ async def test_a_continuation_that_starts_over_is_refused(
     assert "incomplete" in error["message"]
     await asyncio.sleep(0.1)
     assert upstream.calls == 2
+    await settle(proxy)
+    log = request_logs(tmp_path / "logs")[request_id].read_text()
+    assert "Decision: dropped (the continuation started the reply over)" in log
+    assert "Outcome: started the reply over: dropped unseen" in section(log, "STREAM RESUME #1:")
+    # A reset mid-body reads as a cut-short reply or a closed connection.
+    assert re.search(r"Outcome: stream failed after content: \w+; resuming tried once", log)
 
 
 async def test_after_a_refused_restart_the_next_resume_joins(
@@ -205,6 +224,20 @@ async def test_a_break_no_retry_can_fix_is_not_resumed(
     upstream.queue(Prose(TEXT, cut_after=3, cut="error", status_code=400), Prose(TEXT))
     body = await stream(client, proxy)
     assert content_of(body) == first_words(3)
+    assert "Resuming" not in stream_error(body)["message"]
+    await asyncio.sleep(0.1)
+    assert upstream.calls == 1
+
+
+async def test_a_break_after_the_finish_reason_is_not_resumed(
+    start_proxy: StartProxy, upstream: FakeUpstream, client: aiohttp.ClientSession
+) -> None:
+    """The reply was whole: a continuation could only add to it."""
+    proxy = await start_proxy(RESUME)
+    upstream.queue(Sse([chunk("Hel", role=True), chunk("lo", finish="stop")], end="reset"))
+    upstream.queue(Prose(TEXT))
+    body = await stream(client, proxy)
+    assert content_of(body) == "Hello"
     assert "Resuming" not in stream_error(body)["message"]
     await asyncio.sleep(0.1)
     assert upstream.calls == 1
@@ -387,17 +420,19 @@ async def test_the_request_log_tells_the_whole_story(
     await settle(proxy)
     text = request_logs(tmp_path / "logs")[request_id].read_text()
     assert "Final Status: 200  Attempts: 2" in text
-    assert "Outcome: stream resumed once after it broke (cut_short: " in text
+    assert re.search(
+        r"Outcome: stream resumed once after it broke \((cut_short|connection_error)\)", text
+    )
     resume = section(text, "STREAM RESUME #1:")
     delivered = first_words(6)
     assert f"Broke After: {len(delivered)} characters of text, " in resume
-    assert "cut its reply short" in resume
+    assert re.search("cut its reply short|closed the connection unexpectedly", resume)
     assert "Upstream Attempts: from #2" in resume
     assert orjson.dumps(delivered).decode() in resume  # the prefill
     cut = "".join(words(TEXT)[4:6])  # the two words said again
     assert f"Overlap Cut: {cut!r} ({len(cut)} characters)" in resume
     assert "Outcome: joined" in resume
     response = section(text, "FINAL RESPONSE DATA:")
-    assert "Streams Joined: 2" in response
+    assert "Stream Resumes: 1 (see STREAM RESUME)" in response
     assert TEXT in response
     assert "UPSTREAM ATTEMPT #2:" in text
