@@ -126,18 +126,24 @@ class Sse(Behaviour):
             else:
                 payload = event if isinstance(event, bytes) else str(event).encode()
             await out.write(b"data: " + payload + b"\n\n")
-        if self.end == "done":
-            if self.gap:
-                await asyncio.sleep(self.gap)
-            await out.write(b"data: [DONE]\n\n")
-        elif self.end == "reset":
-            assert request.transport is not None
-            request.transport.abort()
-            return out
-        elif self.end == "hang":
-            await asyncio.sleep(3600)
-        await out.write_eof()
+        if self.end == "done" and self.gap:
+            await asyncio.sleep(self.gap)
+        return await end_stream(request, out, self.end)
+
+
+async def end_stream(request: web.Request, out: web.StreamResponse, end: str) -> web.StreamResponse:
+    """End a stream: "done" (``data: [DONE]``), "close" (the body just ends), "reset"
+    (the connection aborted), "hang" (nothing more, the connection kept open)."""
+    if end == "done":
+        await out.write(b"data: [DONE]\n\n")
+    elif end == "reset":
+        assert request.transport is not None
+        request.transport.abort()
         return out
+    elif end == "hang":
+        await asyncio.sleep(3600)
+    await out.write_eof()
+    return out
 
 
 @dataclass
@@ -240,26 +246,17 @@ class Prose(Behaviour):
             await send(
                 {"object": "chat.completion.chunk", "choices": [], "usage": usage(len(tokens))}
             )
-        await out.write(b"data: [DONE]\n\n")
-        await out.write_eof()
-        return out
+        return await end_stream(request, out, "done")
 
     async def break_off(
         self, request: web.Request, out: web.StreamResponse, send: Any
     ) -> web.StreamResponse:
-        if self.cut == "reset":
-            assert request.transport is not None
-            request.transport.abort()
-            return out
-        if self.cut == "silence":
-            await asyncio.sleep(3600)
-        elif self.cut == "error":
+        if self.cut == "error":
             await send({"error": {"message": "upstream overloaded", "code": self.status_code}})
         elif self.cut == "disguised":
             await send(disguised_chunk(status=self.status_code, reason="Service Unavailable"))
-        await out.write(b"data: [DONE]\n\n")
-        await out.write_eof()
-        return out
+        ends = {"reset": "reset", "silence": "hang"}
+        return await end_stream(request, out, ends.get(self.cut, "done"))
 
 
 def usage(completion: int) -> dict[str, int]:

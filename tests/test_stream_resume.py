@@ -217,27 +217,26 @@ async def test_max_resumes_exhausted_ends_with_the_error_saying_so(
     assert prefills == [first_words(4), first_words(6)]
 
 
-async def test_a_break_no_retry_can_fix_is_not_resumed(
-    start_proxy: StartProxy, upstream: FakeUpstream, client: aiohttp.ClientSession
+@pytest.mark.parametrize(
+    ("broken", "sent"),
+    [
+        (Prose(TEXT, cut_after=3, cut="error", status_code=400), first_words(3)),
+        # The reply was whole: a continuation could only add to it.
+        (Sse([chunk("Hel", role=True), chunk("lo", finish="stop")], end="reset"), "Hello"),
+    ],
+    ids=["error_no_retry_can_fix", "after_the_finish_reason"],
+)
+async def test_breaks_a_continuation_cannot_help_are_not_resumed(
+    start_proxy: StartProxy,
+    upstream: FakeUpstream,
+    client: aiohttp.ClientSession,
+    broken: Prose | Sse,
+    sent: str,
 ) -> None:
     proxy = await start_proxy(RESUME)
-    upstream.queue(Prose(TEXT, cut_after=3, cut="error", status_code=400), Prose(TEXT))
+    upstream.queue(broken, Prose(TEXT))
     body = await stream(client, proxy)
-    assert content_of(body) == first_words(3)
-    assert "Resuming" not in stream_error(body)["message"]
-    await asyncio.sleep(0.1)
-    assert upstream.calls == 1
-
-
-async def test_a_break_after_the_finish_reason_is_not_resumed(
-    start_proxy: StartProxy, upstream: FakeUpstream, client: aiohttp.ClientSession
-) -> None:
-    """The reply was whole: a continuation could only add to it."""
-    proxy = await start_proxy(RESUME)
-    upstream.queue(Sse([chunk("Hel", role=True), chunk("lo", finish="stop")], end="reset"))
-    upstream.queue(Prose(TEXT))
-    body = await stream(client, proxy)
-    assert content_of(body) == "Hello"
+    assert content_of(body) == sent
     assert "Resuming" not in stream_error(body)["message"]
     await asyncio.sleep(0.1)
     assert upstream.calls == 1
