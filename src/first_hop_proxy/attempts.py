@@ -162,7 +162,7 @@ def fits(ex: Exchange, wait: float) -> bool:
     """Whether waiting ``wait`` seconds stays within max_delay and the time budget."""
     policy = ex.settings.policy
     limit = policy.max_total_seconds
-    return wait <= policy.max_delay and (limit is None or ex.elapsed() + wait <= limit)
+    return wait <= policy.max_delay and (limit is None or ex.spent() + wait <= limit)
 
 
 def is_cdn_timeout(reply: Reply) -> bool:
