@@ -245,12 +245,14 @@ async def test_breaks_a_continuation_cannot_help_are_not_resumed(
 async def test_time_spent_streaming_is_not_on_the_time_budget(
     start_proxy: StartProxy, upstream: FakeUpstream, client: aiohttp.ClientSession
 ) -> None:
-    """A long reply that broke can be resumed: only failing time counts."""
+    """A long reply that broke can be resumed, and its continuation retried: only
+    failing time counts."""
     proxy = await start_proxy(resuming(error_handling={"max_total_seconds": 0.3}))
-    upstream.queue(Prose(TEXT, cut_after=10, gap=0.05), Prose(TEXT))  # 0.5 s of text
+    busy = Json(503, {"error": {"message": "busy"}})
+    upstream.queue(Prose(TEXT, cut_after=10, gap=0.05), busy, Prose(TEXT))  # 0.5 s of text
     body = await stream(client, proxy)
     assert content_of(body) == TEXT
-    assert upstream.calls == 2
+    assert upstream.calls == 3
 
 
 async def test_resuming_stays_within_the_time_budget(
@@ -318,10 +320,12 @@ async def test_a_continuation_whose_start_is_slow_gets_keepalives_while_held(
     start_proxy: StartProxy, upstream: FakeUpstream, client: aiohttp.ClientSession
 ) -> None:
     """A restated start is held until it is known where it joins; the line stays alive."""
-    proxy = await start_proxy(resuming(error_handling={"stream_keepalive_seconds": 0.1}))
-    upstream.queue(Prose(TEXT, cut_after=9), Prose(TEXT, restate=3, gap=0.15))
+    proxy = await start_proxy(resuming(error_handling={"stream_keepalive_seconds": 0.04}))
+    short = "The old dragon slept in the castle on the hill."
+    # " slept", " in", " the" again, each 0.1 s apart: held until it is clear where they join.
+    upstream.queue(Prose(short, cut_after=6), Prose(short, restate=3, gap=0.1))
     body = await stream(client, proxy)
-    assert content_of(body) == TEXT
+    assert content_of(body) == short
     assert any(c.endswith("joining it to the text") for c in comments_of(body))
 
 
