@@ -405,3 +405,31 @@ class TestWriter:
         with pytest.raises(RuntimeError):
             write_new_file(tmp_path / "new.log", render, reuse=old)
         assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("response_data", [True, False])
+def test_stream_resume_section(tmp_path: Path, response_data: bool) -> None:
+    """Where the stream broke, the prefill, the cut, the outcome; the reply's text only
+    where the config lets the log show it."""
+    key = "sk-test-0123456789abcdefghij"
+    record = full_record(key)
+    record.add_resume(
+        broke=f"connection_error: reset by peer ({key})",
+        chars=27,
+        events=7,
+        first_attempt=3,
+        messages=orjson.dumps([{"role": "assistant", "content": "Once upon a time, there"}]),
+        cut=" a time,",
+        outcome="joined",
+    )
+    record.finish(200)
+    text = format_request_log(record, cfg(tmp_path, include_response_data=response_data))
+    head = f"{RULE}\nSTREAM RESUME #1:\n{RULE}\n"
+    resume = text[text.index(head) + len(head) :].split(f"\n\n{RULE}")[0]
+    assert resume.startswith("Broke After: 27 characters of text, 7 events: connection_error")
+    assert "Upstream Attempts: from #3" in resume
+    assert "Outcome: joined" in resume
+    assert ("Once upon a time, there" in resume) is response_data
+    assert ("Overlap Cut: ' a time,' (8 characters)" in resume) is response_data
+    assert "Overlap Cut: (8 characters)" in resume or response_data
+    assert_no_leak(text, key)

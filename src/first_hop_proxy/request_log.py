@@ -270,7 +270,7 @@ def format_request_log(
     for resume in record.resumes:
         lines += _section(
             f"STREAM RESUME #{resume.number}:",
-            _resume_lines(resume, redactor, cfg.include_request_data),
+            _resume_lines(resume, redactor, cfg),
         )
     if record.error:
         lines += _section("ERROR:", [redactor.text(record.error)])
@@ -350,20 +350,23 @@ def _attempt_lines(attempt: AttemptRecord, redactor: Redactor) -> list[str]:
     return lines
 
 
-def _resume_lines(resume: ResumeRecord, redactor: Redactor, bodies: bool) -> list[str]:
+def _resume_lines(resume: ResumeRecord, redactor: Redactor, cfg: Logging) -> list[str]:
+    """A resume's story; the reply's text (in the prefill, the cut) only where the
+    config lets the log show both request and reply data."""
+    text = cfg.include_request_data and cfg.include_response_data
     lines = [
         f"Broke After: {resume.chars} characters of text, {resume.events} events: "
         + redactor.text(resume.broke),
         f"Upstream Attempts: from #{resume.first_attempt}",
     ]
-    if bodies:
+    if text:
         lines += [
             "Request: the REQUEST DATA above, its messages ending with:",
             _body_text(resume.messages, redactor),
         ]
     if resume.cut:
-        cut = redactor.text(repr(resume.cut))
-        lines.append(f"Overlap Cut: {cut} ({len(resume.cut)} characters)")
+        cut = f"{redactor.text(repr(resume.cut))} " if text else ""
+        lines.append(f"Overlap Cut: {cut}({len(resume.cut)} characters)")
     lines.append(f"Outcome: {redactor.text(resume.outcome or 'not finished')}")
     return lines
 
