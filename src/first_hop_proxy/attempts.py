@@ -80,10 +80,9 @@ async def attempt_until_decided(ex: Exchange, attempt: Attempt) -> tuple[Decisio
                     breaker.consecutive_failures,
                     breaker.last_failure,
                 )
-                ex.tried[upstream.name] = f"circuit open; the last error: {breaker.last_failure}"
-                if "circuit_open" in routing.failover_on and route.next_untried():
+                summary = f"circuit open; the last error: {breaker.last_failure}"
+                if moved_on(ex, route, decision, summary, "circuit_open", "CircuitOpen"):
                     continue
-                ex.error_event("circuit_open", "CircuitOpen", decision.reason, status_code=503)
                 return decision, None
             admitted.add(upstream.name)
         pool, key = upstream.keys, None
@@ -95,11 +94,8 @@ async def attempt_until_decided(ex: Exchange, attempt: Attempt) -> tuple[Decisio
                     await asyncio.sleep(blocked.wait)  # the soonest key; no other is ready
                     continue
                 decision = no_key(blocked.kind, blocked.wait, blocked.message)
-                ex.tried[upstream.name] = blocked.message
-                why = "fail_code" if blocked.kind == "refused" else "retries_exhausted"
-                if why in routing.failover_on and route.next_untried():
+                if moved_on(ex, route, decision, blocked.message, "no_key", "NoKeyReady"):
                     continue
-                ex.error_event("no_key", "NoKeyReady", blocked.message, status_code=503)
                 return decision, None
             ex.key_label = key.label
         began = time.monotonic()
@@ -119,22 +115,19 @@ async def attempt_until_decided(ex: Exchange, attempt: Attempt) -> tuple[Decisio
         )
         note_outcome(ex, upstream, permit, decision, duration)
         note_attempt(ex, reply, decision, duration)
+        step = pool.record(key, decision, time.time()) if pool and key else Step.STAY
         if decision.action is Action.DELIVER:
-            if pool is not None and key is not None:
-                pool.record(key, decision, time.time())
             return decision, reply
-        if pool is not None and key is not None:
-            step = pool.record(key, decision, time.time())
-            if step is Step.NEXT_KEY:
-                if pool.has_ready(time.time()):  # the same request at once, with another key
-                    reply.close()
-                    state.counters.retries += decision.action is Action.RETRY
-                    ex.history = ex.history.after(decision)
-                    continue
-                if decision.action is not Action.RETRY:  # that was the last ready key
-                    blocked = pool.blocked(time.time())
-                    decision = no_key(blocked.kind, blocked.wait, blocked.message)
-                    ex.tried[upstream.name] = blocked.message
+        if pool is not None and step is Step.NEXT_KEY:
+            if pool.has_ready(time.time()):  # the same request at once, with another key
+                reply.close()
+                state.counters.retries += decision.action is Action.RETRY
+                ex.history = ex.history.after(decision)
+                continue
+            if decision.action is not Action.RETRY:  # that was the last ready key
+                blocked = pool.blocked(time.time())
+                decision = no_key(blocked.kind, blocked.wait, blocked.message)
+                ex.tried[upstream.name] = blocked.message
         if switch_json_mode(ex, upstream, reply, decision):
             reply.close()
             ex.history = ex.history.moved_on()
@@ -156,6 +149,20 @@ async def attempt_until_decided(ex: Exchange, attempt: Attempt) -> tuple[Decisio
         await asyncio.sleep(decision.delay)
         # Logged once taken: a wait cut short by the client leaving was not a delay.
         ex.record.attempts[-1].delay_before_next = decision.delay
+
+
+def moved_on(
+    ex: Exchange, route: Route[Upstream], refusal: Decision, summary: str, code: str, kind: str
+) -> bool:
+    """An upstream refused the request before any attempt (its breaker is open, no key is
+    ready): move on to one not tried yet when routing allows; else log the refusal."""
+    assert ex.upstream is not None
+    ex.tried[ex.upstream.name] = summary
+    cause = failover_cause(refusal, 0, 1)
+    if cause in ex.settings.config.routing.failover_on and route.next_untried():
+        return True
+    ex.error_event(code, kind, summary, status_code=503)
+    return False
 
 
 def fits(ex: Exchange, wait: float) -> bool:
