@@ -31,6 +31,7 @@ from pydantic import (
 
 from .dialects import DEFAULT_TITLE_PATTERN
 from .headers import is_empty_value
+from .patterns import nested_repetition
 from .redact import is_secret_header
 
 StatusCode = Annotated[int, Field(ge=100, le=599)]
@@ -173,6 +174,7 @@ class TargetProxy(KeyPool):
     #: JSON requests sent upstream as streams and assembled: when a CDN cuts a slow reply
     #: (auto), always, or never.
     stream_upstream: StreamUpstream = "auto"
+    max_reply_mb: Positive = 50
 
 
 #: The name of the upstream that ``target_proxy`` alone stands for.
@@ -246,6 +248,7 @@ class RecategorizationRule(PatternRule):
 class StatusRecategorization(Section):
     enabled: bool = True
     rules: list[RecategorizationRule] = Field(default_factory=list)
+    timeout_ms: Positive = 100
 
 
 class JsonExtraction(Section):
@@ -289,6 +292,7 @@ class HardStopRule(PatternRule):
 class HardStopConditions(Section):
     enabled: bool = True
     rules: list[HardStopRule] = Field(default_factory=list)
+    timeout_ms: Positive = 100
 
 
 class EmptyResponse(Section):
@@ -347,6 +351,8 @@ class Server(Section):
     shutdown_grace_seconds: NonNegative = 30
     reload_on_change: bool = True
     uvloop: bool = True
+    client_timeout: Positive = 30
+    max_connections: Annotated[int, Field(ge=1)] = 2048
 
 
 class Logging(Section):
@@ -783,9 +789,33 @@ def _semantic_warnings(config: Config) -> list[str]:
             "error_handling.exhausted_429_status: 429 makes SillyTavern retry a request the "
             "proxy already gave up on 5 more times by itself (about 155 s); 503 ends it"
         )
+    warnings += _runaway_warnings(config)
     if eh.base_delay > eh.max_delay:
         warnings.append(
             f"error_handling.base_delay: {eh.base_delay} is above max_delay "
             f"({eh.max_delay}); every retry waits max_delay"
         )
+    return warnings
+
+
+def _runaway_warnings(config: Config) -> list[str]:
+    """Patterns that can take exponential time on a text that almost matches."""
+    eh, rp = config.error_handling, config.response_parsing
+    sections: list[tuple[str, list[PatternRule]]] = [
+        ("regex_replacement", list(config.regex_replacement.rules)),
+        ("response_processing", list(config.response_processing.rules)),
+        ("error_handling.hard_stop_conditions", list(eh.hard_stop_conditions.rules)),
+        ("response_parsing.status_recategorization", list(rp.status_recategorization.rules)),
+    ]
+    warnings: list[str] = []
+    for section, rules in sections:
+        for i, rule in enumerate(rules):
+            if nested_repetition(rule.pattern, getattr(rule, "flags", "")):
+                warnings.append(
+                    f"{section}.rules[{i}].pattern: {rule.pattern!r} repeats a group that itself "
+                    "repeats or has alternatives, which can take exponential time on a text that "
+                    f"almost matches; it runs under {section}.timeout_ms and is skipped for a "
+                    "text when that runs out. Write it without the nesting (e.g. 'x+' rather "
+                    "than '(x|xx)+')"
+                )
     return warnings
