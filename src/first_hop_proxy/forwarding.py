@@ -22,6 +22,7 @@ from .errors import error_response
 from .exchange import ChatRequest, Exchange, failure_response
 from .headers import client_headers, forwardable
 from .keys import Key
+from .redact import clip
 from .request_log import RequestRecord
 from .state import REQUEST_ID, STATE
 from .streaming import relay_stream
@@ -29,6 +30,9 @@ from .upstream import Reply, fetch, fetch_assembled
 from .upstreams import Upstream
 
 log = logging.getLogger("first_hop_proxy")
+
+#: Characters of the client's model name shown on the console.
+MODEL_LIMIT = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +169,7 @@ def finish(ex: Exchange, status: int) -> None:
     log.info(
         "%s %s %s -> %s%s, %d attempt%s, %.2f s%s",
         ex.request_id,
-        (chat.model or "-") if chat else "-",
+        clip(chat.model, MODEL_LIMIT, ex.mask) or "-" if chat else "-",
         "stream" if chat and chat.stream else "json",
         status,
         via,

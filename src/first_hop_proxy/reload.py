@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from . import console
 from .config import ConfigError, LoadedConfig
 from .error_log import ErrorEvent
 from .redact import redact_text
@@ -76,6 +77,7 @@ class Reloader:
                     new,
                 )
         self.state.settings = Settings.build(loaded, self.state.writer, previous)
+        console.mask_with(self.state.settings.redactor)  # the new config's keys, too
         logging.getLogger().setLevel(logging.DEBUG if loaded.config.server.debug else logging.INFO)
         self.reloads += 1
         for warning in loaded.warnings:
