@@ -110,9 +110,7 @@ async def handle(ex: Exchange) -> web.StreamResponse:
     ex.record.body = body
     chat = parse_chat_request(body, ex)
     if isinstance(chat, BadRequest):
-        ex.outcome_note = "bad request"
-        ex.error_event("bad_request", "BadRequest", chat.message, status_code=400)
-        return error_response(400, chat.message, "invalid_request_error", chat.code)
+        return bad_request(ex, chat)
     ex.chat = chat
     ex.record.model, ex.record.stream = chat.model, chat.stream
     upstreams = ex.settings.upstreams
@@ -125,7 +123,9 @@ async def handle(ex: Exchange) -> web.StreamResponse:
         ex.outcome_note = "no upstream serves the model"
         ex.error_event("model_not_served", "ModelNotServed", message, status_code=404)
         return error_response(404, message, "invalid_request_error", "model_not_served")
-    await rewrite_request(ex, chat)
+    problem = await rewrite_request(ex, chat)
+    if problem is not None:
+        return bad_request(ex, problem)
     if ex.settings.config.server.debug:
         redactor = ex.redactor()
         log.debug(
@@ -140,16 +140,31 @@ async def handle(ex: Exchange) -> web.StreamResponse:
     return await relay_json(ex, chat)
 
 
-async def rewrite_request(ex: Exchange, chat: ChatRequest) -> None:
+def bad_request(ex: Exchange, problem: BadRequest) -> web.Response:
+    ex.outcome_note = "bad request"
+    ex.error_event("bad_request", "BadRequest", problem.message, status_code=400)
+    return error_response(400, problem.message, "invalid_request_error", problem.code)
+
+
+async def rewrite_request(ex: Exchange, chat: ChatRequest) -> BadRequest | None:
     rewriter = ex.settings.rewriter
     if not rewriter.has_request_rules:
-        return
+        return None
     result = await rewriter.rewrite_messages_async(chat.payload, len(chat.body))
     ex.rule_timeouts(result.timeouts)
     if result.changed:
+        try:
+            body = orjson.dumps(chat.payload)
+        except orjson.JSONEncodeError:  # orjson encodes at most 255 levels
+            return BadRequest(
+                "The request body nests more than 255 levels deep, so the proxy cannot "
+                "encode it again after its regex_replacement rules changed a message. "
+                "Send a flatter body.",
+                "body_too_deep",
+            )
         ex.record.original_body = chat.body
-        chat.body = orjson.dumps(chat.payload)
-        ex.record.body = chat.body
+        chat.body = ex.record.body = body
+    return None
 
 
 def finish(ex: Exchange, status: int) -> None:
