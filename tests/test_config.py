@@ -212,8 +212,9 @@ def test_default_lists_do_not_overlap() -> None:
 
 
 def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
-    loaded = load_config(write(tmp_path, ""), env={})
-    assert loaded.warnings == []
+    path = write(tmp_path, "")
+    loaded = load_config(path, env={})
+    assert loaded.warnings == [f"{path} is empty: built-in defaults apply"]
     assert loaded.demo
     assert loaded.config.server.host == "127.0.0.1"
 

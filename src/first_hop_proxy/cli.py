@@ -19,7 +19,7 @@ from .config import (
     default_config_path,
     load_config,
 )
-from .demo import BANNER
+from .demo import banner
 from .error_log import log_config_error
 from .redact import Redactor, is_secret_header, masked_url, redact_text
 from .rewrite import trial
@@ -213,7 +213,7 @@ def run_server(
 
     def ready(running: RunningServer) -> None:
         if loaded.demo:
-            log.warning(BANNER)
+            log.warning(banner(loaded.path))
         log.info(
             "first-hop-proxy %s listening on %s (event loop: %s)",
             __version__,

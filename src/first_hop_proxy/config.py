@@ -29,6 +29,7 @@ from pydantic import (
     field_validator,
 )
 
+from . import safe_yaml
 from .dialects import DEFAULT_TITLE_PATTERN
 from .headers import is_empty_value
 from .patterns import nested_repetition
@@ -445,15 +446,21 @@ def load_config(
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"cannot read the file: {exc}"], str(path)) from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_yaml.load(text)
     except yaml.YAMLError as exc:
         raise ConfigError([f"not valid YAML: {_yaml_problem(exc)}"], str(path)) from None
-    if data is None:
+    except safe_yaml.TooNested as exc:
+        raise ConfigError([str(exc)], str(path)) from None
+    empty = data is None
+    if empty:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(["the top level must be a mapping of sections"], str(path))
     loaded = parse_config(data, base_dir=path.resolve().parent, env=env, source=str(path))
-    return LoadedConfig(loaded.config, path, loaded.warnings)
+    warnings = loaded.warnings
+    if empty:
+        warnings = [f"{path} is empty: built-in defaults apply", *warnings]
+    return LoadedConfig(loaded.config, path, warnings)
 
 
 def parse_config(

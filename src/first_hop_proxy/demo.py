@@ -25,10 +25,18 @@ DEMO_TEXT = (
     "FHP_TARGET_URL environment variable), then restart the proxy."
 )
 BANNER = (
-    "DEMO MODE: no config file found, so replies come from the built-in demo upstream.\n"
+    "DEMO MODE: {why}, so replies come from the built-in demo upstream.\n"
     "  To use your AI proxy: cp config.yaml.example config.yaml, set target_proxy.url,\n"
     "  and restart (or set FHP_TARGET_URL)."
 )
+
+
+def banner(config_path: object | None) -> str:
+    """The console banner of demo mode, saying why there is no upstream."""
+    why = (
+        "no config file found" if config_path is None else f"{config_path} sets no target_proxy.url"
+    )
+    return BANNER.format(why=why)
 
 
 async def demo_chat(request: web.Request) -> web.StreamResponse:
