@@ -26,7 +26,7 @@ from .redact import clip
 from .request_log import RequestRecord
 from .state import REQUEST_ID, STATE
 from .streaming import relay_stream
-from .upstream import Reply, fetch, fetch_assembled
+from .upstream import MB, Reply, fetch, fetch_assembled
 from .upstreams import Upstream
 
 log = logging.getLogger("first_hop_proxy")
@@ -197,13 +197,14 @@ def finish(ex: Exchange, status: int) -> None:
 
 async def relay_json(ex: Exchange, chat: ChatRequest) -> web.StreamResponse:
     session, rewriter = ex.state.session, ex.settings.rewriter
+    max_bytes = int(ex.settings.config.target_proxy.max_reply_mb * MB)
 
     def attempt(upstream: Upstream, key: Key | None) -> Awaitable[Reply]:
         if upstream.streams_json(chat.model):  # stream_upstream: assembled into one reply
             body, headers = chat.for_upstream(upstream, key, as_stream=True)
-            return fetch_assembled(session, upstream, body, headers)
+            return fetch_assembled(session, upstream, body, headers, max_bytes)
         body, headers = chat.for_upstream(upstream, key)
-        return fetch(session, upstream, body, headers)
+        return fetch(session, upstream, body, headers, max_bytes)
 
     decision, reply = await attempt_until_decided(ex, attempt)
     if decision.action is not Action.DELIVER or reply is None or reply.status is None:

@@ -29,7 +29,7 @@ from .keys import Key
 from .redact import clip
 from .resume import Seam, Transcript, add_usage, continuation_payload
 from .sse import DONE, comment, event_data, frame, parse_event
-from .upstream import TRANSPORT_ERRORS, Reply, failure, open_stream
+from .upstream import MB, TRANSPORT_ERRORS, Reply, failure, open_stream
 from .upstreams import Upstream
 
 T = TypeVar("T")
@@ -101,10 +101,11 @@ async def relay_stream(ex: Exchange, chat: ChatRequest) -> web.StreamResponse:
 def stream_attempt(ex: Exchange, chat: ChatRequest) -> Attempt:
     """One streaming attempt at an upstream, read up to its first content."""
     session, title = ex.state.session, ex.settings.policy.disguise_title
+    max_bytes = int(ex.settings.config.target_proxy.max_reply_mb * MB)
 
     def attempt(upstream: Upstream, key: Key | None) -> Awaitable[Reply]:
         body, headers = chat.for_upstream(upstream, key)
-        return open_stream(session, upstream, body, headers, title)
+        return open_stream(session, upstream, body, headers, max_bytes, title)
 
     return attempt
 
@@ -172,6 +173,7 @@ async def upstream_events(reply: Reply) -> AsyncIterator[bytes]:
     if resp is None or splitter is None:
         return
     async for chunk in resp.content.iter_any():
+        reply.count(chunk)  # past target_proxy.max_reply_mb: the stream fails here
         for event in splitter.feed(chunk):
             yield event
     rest = splitter.flush()
