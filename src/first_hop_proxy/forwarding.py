@@ -106,7 +106,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def handle(ex: Exchange) -> web.StreamResponse:
-    body = await ex.request.read()
+    body = await read_body(ex)
+    if body is None:
+        return too_slow(ex)
     ex.record.body = body
     chat = parse_chat_request(body, ex)
     if isinstance(chat, BadRequest):
@@ -138,6 +140,32 @@ async def handle(ex: Exchange) -> web.StreamResponse:
     if chat.stream:
         return await relay_stream(ex, chat)
     return await relay_json(ex, chat)
+
+
+async def read_body(ex: Exchange) -> bytes | None:
+    """The request body, or None when it takes longer than ``server.client_timeout``."""
+    request = ex.request
+    if request.content.is_eof():  # all of it has arrived: nothing to time
+        return await request.read()
+    try:
+        async with asyncio.timeout(ex.state.config.server.client_timeout):
+            return await request.read()
+    except TimeoutError:
+        return None
+
+
+def too_slow(ex: Exchange) -> web.Response:
+    """A 408 for a body that did not arrive in time; the connection is closed."""
+    seconds = ex.state.config.server.client_timeout
+    message = (
+        f"The request body did not arrive within server.client_timeout ({seconds:g} s). "
+        "The connection is closed."
+    )
+    ex.outcome_note = "request body too slow"
+    ex.error_event("request_timeout", "RequestTimeout", message, status_code=408)
+    response = error_response(408, message, "invalid_request_error", "request_timeout")
+    response.force_close()
+    return response
 
 
 def bad_request(ex: Exchange, problem: BadRequest) -> web.Response:

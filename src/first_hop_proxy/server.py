@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,9 +15,12 @@ from aiohttp import web
 
 from .app import create_app
 from .config import LoadedConfig
+from .connections import Guard, GuardedRunner, connection_cap, open_files_limit
 from .demo import DEMO_PATH
 from .reload import Reloader
 from .state import STATE
+
+log = logging.getLogger("first_hop_proxy")
 
 # A burst of hundreds of SillyTavern connections must not overflow the listen queue.
 BACKLOG = 4096
@@ -84,8 +88,18 @@ async def start(
     host = host or server.host
     port = server.port if port is None else port
     app = create_app(loaded)
-    runner = web.AppRunner(
+    cap = connection_cap(server.max_connections, open_files_limit())
+    if cap < server.max_connections:
+        log.warning(
+            "server.max_connections: %d lowered to %d, as this system lets the proxy open "
+            "only %s files (ulimit -n)",
+            server.max_connections,
+            cap,
+            open_files_limit(),
+        )
+    runner = GuardedRunner(
         app,
+        Guard(server.client_timeout, cap),
         handler_cancellation=True,  # a client that leaves cancels its upstream request at once
         shutdown_timeout=server.shutdown_grace_seconds,
         access_log=None,
