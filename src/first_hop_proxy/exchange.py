@@ -96,6 +96,7 @@ class Exchange:
     #: The status the request really ended with, when the client was already sent
     #: another (a stream committed with 200 that then ended with an error event).
     ended_status: int | None = None
+    response: web.StreamResponse | None = None  # a stream's response, once committed
     _redactor: Redactor | None = None
 
     @property

@@ -24,6 +24,7 @@ from .headers import client_headers, forwardable
 from .keys import Key
 from .redact import clip
 from .request_log import RequestRecord
+from .shutdown import DRAIN, end_reply
 from .state import REQUEST_ID, STATE
 from .streaming import relay_stream
 from .upstream import MB, Reply, fetch, fetch_assembled
@@ -89,19 +90,30 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         headers=request.headers,
     )
     ex = Exchange(state, state.settings, request, record)
+    drain = request.app[DRAIN]
     status = 500
+    drain.enter(ex)
     try:
-        response = await handle(ex)
+        response = await (end_reply(ex) if drain.stopping else handle(ex))
         status = response.status
         return response
     except web.HTTPException as exc:  # e.g. 413 from reading a body over max_body_mb
         status = exc.status
         raise
     except asyncio.CancelledError:
-        status = 499
-        ex.outcome_note = "client went away"
-        raise
+        if not drain.ended(ex):
+            status = 499
+            ex.outcome_note = "client went away"
+            raise
+        # Ended by the shutdown, not by the client: it gets its last words.
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        response = await end_reply(ex)
+        status = response.status
+        return response
     finally:
+        drain.leave(ex)
         finish(ex, status)
 
 

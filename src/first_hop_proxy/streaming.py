@@ -112,7 +112,7 @@ def stream_attempt(ex: Exchange, chat: ChatRequest) -> Attempt:
 
 async def commit(ex: Exchange) -> web.StreamResponse:
     """Start the client's stream: from here on, only events can tell it anything."""
-    out = web.StreamResponse(status=200, headers=STREAM_HEADERS)
+    out = ex.response = web.StreamResponse(status=200, headers=STREAM_HEADERS)
     await out.prepare(ex.request)
     return out
 
