@@ -17,9 +17,12 @@ import aiohttp
 import orjson
 import pytest
 
+from first_hop_proxy.config import ErrorLogging
+from first_hop_proxy.error_log import ErrorEvent, format_error_log
+
 from .conftest import StartProxy, chat_body
 from .fake_upstream import FakeUpstream, Json, Sse
-from .keys import random_key
+from .keys import assert_no_leak, random_key
 from .leak_helpers import Outputs
 from .log_helpers import error_logs
 
@@ -84,3 +87,15 @@ async def test_cut_texts_keep_no_stump_of_a_key(
     assert "Upstream said: " + "y" * 270 + "cl-…" in out.texts["client body 503"]
     assert error_logs(tmp_path / "logs" / "errors", "invalid_json")
     assert out.leaks({"upstream key": key, "client key": client_key}) == {}
+
+
+def test_error_log_cut_to_its_size_limit_keeps_no_stump() -> None:
+    """An error log over max_file_size_mb is cut after its texts were masked."""
+    key = random_key("sk-test-")
+    cfg = ErrorLogging(max_file_size_mb=0.002, include_stack_traces=False)
+    for at in range(0, 2600, 13):  # the key at every place a cut can fall
+        event = ErrorEvent(503, "UpstreamError", "x" * (at % 300) + key, secrets=[key])
+        event.response_text = "y" * at + key + "z" * 3000
+        text = format_error_log(event, cfg, "503_x.log")
+        assert len(text.encode()) <= 0.002 * 1024 * 1024
+        assert_no_leak(text, key)

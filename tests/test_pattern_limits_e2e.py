@@ -11,6 +11,7 @@ import aiohttp
 from .conftest import StartProxy, chat_body, wait_until
 from .fake_upstream import FakeUpstream, Json, Sse, chunk
 from .log_helpers import error_details, error_logs, settle
+from .test_cli import run, write_config
 
 # Without a limit (x|xx)+$ takes about 2.6 s on this text, on 2 cores: far more
 # than the 0.3 s each rule is given, and than /health may take.
@@ -88,3 +89,17 @@ async def test_stream_error_event_after_content_judged_off_the_event_loop(
         text = await resp.text()
     assert time.monotonic() - started < 2
     assert "stream_interrupted" in text and text.rstrip().endswith("data: [DONE]")
+
+
+def test_check_config_warns_about_nested_repetition(tmp_path: Path) -> None:
+    write_config(
+        tmp_path / "config.yaml",
+        "error_handling:\n  hard_stop_conditions:\n    rules:\n"
+        '      - pattern: "(x|xx)+$"\n        user_message: "Stopped."\n',
+    )
+    result = run(["check-config"], tmp_path)
+    assert result.returncode == 0
+    assert (
+        "warning: error_handling.hard_stop_conditions.rules[0].pattern: '(x|xx)+$' repeats "
+        "a group that itself repeats or has alternatives"
+    ) in result.stderr
