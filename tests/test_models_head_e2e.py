@@ -6,7 +6,7 @@ import aiohttp
 import pytest
 
 from .conftest import StartProxy
-from .fake_upstream import FakeUpstream
+from .fake_upstream import FakeUpstream, Json
 
 
 @pytest.mark.parametrize("path", ["/v1/models", "/models", "/v1//models"])
@@ -28,3 +28,31 @@ async def test_head_models_makes_no_upstream_call(
         assert resp.headers["X-Models-Source"] == "cache"
         assert int(resp.headers["Content-Length"]) == len(listed)
     assert [r.path for r in upstream.received] == ["/v1/models"]
+
+
+async def test_head_models_with_several_upstreams_asks_none_of_them(
+    start_proxy: StartProxy, upstream: FakeUpstream, client: aiohttp.ClientSession
+) -> None:
+    second = await FakeUpstream().start()
+    try:
+        second.models = Json(body={"object": "list", "data": [{"id": "other-model"}]})
+        proxy = await start_proxy(
+            {
+                "target_proxy": {"url": ""},
+                "upstreams": [
+                    {"name": "a", "url": upstream.chat_url},
+                    {"name": "b", "url": second.chat_url},
+                ],
+            }
+        )
+        async with client.head(proxy.url + "/v1/models") as resp:
+            assert resp.headers["X-Models-Source"] == "default"
+        async with client.get(proxy.url + "/v1/models") as resp:
+            listed = await resp.read()
+            assert resp.headers["X-Models-Source"] == "upstream"
+        async with client.head(proxy.url + "/v1/models") as resp:
+            assert resp.headers["X-Models-Source"] == "cache"
+            assert int(resp.headers["Content-Length"]) == len(listed)
+        assert len(upstream.received) == len(second.received) == 1
+    finally:
+        await second.close()

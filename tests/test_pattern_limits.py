@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from first_hop_proxy.config import Config, parse_config
@@ -170,3 +171,17 @@ def test_config_warns_about_nested_repetition(tmp_path: Path) -> None:
     ]
     hard_stop = next(w for w in loaded.warnings if w.startswith("error_handling"))
     assert "error_handling.hard_stop_conditions.timeout_ms" in hard_stop
+
+
+def test_title_of_an_error_sent_as_a_reply_masked_before_it_is_cut() -> None:
+    """A community proxy's error title (here its finish_reason) is cut only after masking."""
+    client_key = random_key("cl-", 45)
+    finish = "Proxy error " + "y" * 170 + client_key
+    message = {"content": "The queue was closed."}
+    body = orjson.dumps({"choices": [{"message": message, "finish_reason": finish}]}).decode()
+    decision = decide(
+        Outcome(status=200, body=body), History(), POLICY_PLAIN, mask=Redactor([client_key]).text
+    )
+    assert decision.action is not Action.DELIVER
+    assert_no_leak(decision.upstream_message, client_key)
+    assert mask(client_key) in decision.upstream_message

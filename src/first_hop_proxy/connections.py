@@ -48,7 +48,7 @@ def open_files_limit() -> int | None:
 
 
 @dataclass(eq=False)
-class Guard:
+class ConnectionLimits:
     """The limits of one server, and how many of its connections are open."""
 
     client_timeout: float
@@ -89,23 +89,23 @@ class Guard:
 class GuardedRequestHandler(RequestHandler):
     """aiohttp's connection handler, with a deadline for each request's headers."""
 
-    __slots__ = ("_body", "_counted", "_deadline", "_guard")
+    __slots__ = ("_body", "_counted", "_deadline", "_limits")
 
-    def __init__(self, manager: web.Server, guard: Guard, **kwargs: object) -> None:
+    def __init__(self, manager: web.Server, limits: ConnectionLimits, **kwargs: object) -> None:
         super().__init__(manager, **kwargs)  # type: ignore[arg-type]
-        self._guard = guard
+        self._limits = limits
         self._deadline: asyncio.TimerHandle | None = None
         self._counted = False
         self._body: StreamReader | None = None  # the body of the last request received
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        guard = self._guard
-        guard.open += 1
+        limits = self._limits
+        limits.open += 1
         self._counted = True
-        if guard.open > guard.max_connections:
-            guard.refused += 1
-            self._request_handler = guard.busy
+        if limits.open > limits.max_connections:
+            limits.refused += 1
+            self._request_handler = limits.busy
         self._arm()
 
     def data_received(self, data: bytes) -> None:
@@ -121,11 +121,11 @@ class GuardedRequestHandler(RequestHandler):
         self._disarm()
         if self._counted:
             self._counted = False
-            self._guard.open -= 1
+            self._limits.open -= 1
         super().connection_lost(exc)
 
     def _arm(self) -> None:
-        self._deadline = self._loop.call_later(self._guard.client_timeout, self._too_slow)
+        self._deadline = self._loop.call_later(self._limits.client_timeout, self._too_slow)
 
     def _disarm(self) -> None:
         if self._deadline is not None:
@@ -137,18 +137,18 @@ class GuardedRequestHandler(RequestHandler):
         transport = self.transport
         if self._messages or self._request_in_progress or transport is None:
             return
-        self._guard.timed_out += 1
-        transport.write(self._guard.timeout_response())
+        self._limits.timed_out += 1
+        transport.write(self._limits.timeout_response())
         self.force_close()
 
 
 class GuardedServer(web.Server):
     """aiohttp's low-level server, making :class:`GuardedRequestHandler` connections."""
 
-    def __init__(self, server: web.Server, guard: Guard) -> None:
+    def __init__(self, server: web.Server, limits: ConnectionLimits) -> None:
         # The unread body of a request answered early is drained for at most as
         # long as a client may take to send one, not aiohttp's 10 s.
-        lingering = min(float(server._kwargs.get("lingering_time", 10.0)), guard.client_timeout)
+        lingering = min(float(server._kwargs.get("lingering_time", 10.0)), limits.client_timeout)
         super().__init__(
             server.request_handler,
             request_factory=server.request_factory,
@@ -156,18 +156,18 @@ class GuardedServer(web.Server):
             loop=asyncio.get_running_loop(),
             **{**server._kwargs, "lingering_time": lingering},
         )
-        self.guard = guard
+        self.limits = limits
 
     def __call__(self) -> RequestHandler:
-        return GuardedRequestHandler(self, self.guard, loop=self._loop, **self._kwargs)
+        return GuardedRequestHandler(self, self.limits, loop=self._loop, **self._kwargs)
 
 
 class GuardedRunner(web.AppRunner):
     """An AppRunner whose server guards its connections."""
 
-    def __init__(self, app: web.Application, guard: Guard, **kwargs: object) -> None:
+    def __init__(self, app: web.Application, limits: ConnectionLimits, **kwargs: object) -> None:
         super().__init__(app, **kwargs)  # type: ignore[arg-type]
-        self.guard = guard
+        self.limits = limits
 
     async def _make_server(self) -> web.Server:
-        return GuardedServer(await super()._make_server(), self.guard)
+        return GuardedServer(await super()._make_server(), self.limits)

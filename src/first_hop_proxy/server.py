@@ -15,7 +15,7 @@ from aiohttp import web
 
 from .app import create_app
 from .config import LoadedConfig
-from .connections import Guard, GuardedRunner, connection_cap, open_files_limit
+from .connections import ConnectionLimits, GuardedRunner, connection_cap, open_files_limit
 from .demo import DEMO_PATH
 from .reload import Reloader
 from .shutdown import DRAIN, ENDING_SECONDS
@@ -104,7 +104,7 @@ async def start(
         )
     runner = GuardedRunner(
         app,
-        Guard(server.client_timeout, cap),
+        ConnectionLimits(server.client_timeout, cap),
         handler_cancellation=True,  # a client that leaves cancels its upstream request at once
         # The grace is spent waiting for chat requests (shutdown.Drain); what is left
         # after that (a /models call) gets this much more.
