@@ -133,3 +133,22 @@ async def test_a_stream_past_the_limit_after_content_ends_with_an_error_event(
     assert error["code"] == "stream_interrupted"
     assert "larger than 1 MB (target_proxy.max_reply_mb)" in error["message"]
     assert flood.sent < 24 * MB
+
+
+async def test_a_json_request_streamed_upstream_past_the_limit_fails_its_attempt(
+    start_proxy: StartProxy, upstream: FakeUpstream, client: aiohttp.ClientSession
+) -> None:
+    """stream_upstream: always assembles a JSON reply from a stream: it counts too."""
+    proxy = await start_proxy(
+        {
+            "target_proxy": {"max_reply_mb": 1, "stream_upstream": "always"},
+            "error_handling": {"max_retries": 0},
+        }
+    )
+    piece = b"data: " + orjson.dumps(chunk("y" * 1000)) + b"\n\n"
+    flood = Flood(content_type="text/event-stream", piece=piece)
+    upstream.queue(flood)
+    status, body = await ask(client, proxy.url)
+    assert status == 502
+    assert "larger than 1 MB (target_proxy.max_reply_mb)" in orjson.loads(body)["error"]["message"]
+    assert flood.sent < 24 * MB

@@ -30,7 +30,14 @@ log = logging.getLogger("first_hop_proxy")
 #: long, in milliseconds, after the last change before reading the file.
 DEBOUNCE_MS = 300
 #: Server settings that only a restart can change (the socket and the app exist).
-RESTART_KEYS = ("host", "port", "max_body_mb", "shutdown_grace_seconds")
+RESTART_KEYS = (
+    "host",
+    "port",
+    "max_body_mb",
+    "shutdown_grace_seconds",
+    "client_timeout",
+    "max_connections",
+)
 
 
 class Reloader:
