@@ -27,6 +27,22 @@ async def open_raw(proxy: RunningServer) -> tuple[asyncio.StreamReader, asyncio.
     return await asyncio.open_connection("127.0.0.1", proxy.port)
 
 
+async def trickle(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes, gap: float
+) -> bytes:
+    """Send ``data`` one byte every ``gap`` seconds until the server answers; its answer."""
+    for byte in data:
+        writer.write(bytes([byte]))
+        try:
+            answer = await asyncio.wait_for(reader.read(65536), gap)
+        except TimeoutError:
+            continue
+        writer.close()
+        return answer
+    writer.close()
+    raise AssertionError("the server took all of it without answering")
+
+
 def status_of(data: bytes) -> int:
     return int(data.split(b" ", 2)[1])
 
@@ -67,19 +83,9 @@ async def test_headers_at_one_byte_at_a_time_are_cut_off(start_proxy: StartProxy
     reader, writer = await open_raw(proxy)
     request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 100 + b"\r\n\r\n"
     started = time.monotonic()
-    answer = b""
-    sent = 0
-    for byte in request:  # one byte every 50 ms: 7 s for all of it
-        writer.write(bytes([byte]))
-        sent += 1
-        try:
-            answer = await asyncio.wait_for(reader.read(65536), 0.05)
-            break
-        except TimeoutError:
-            continue
-    writer.close()
+    answer = await trickle(reader, writer, request, 0.05)
     assert status_of(answer) == 408
-    assert sent < len(request)  # cut off long before the headers were complete
+    assert time.monotonic() - started < len(request) * 0.05  # long before all was sent
     assert time.monotonic() - started < TIMEOUT + 1.5
 
 
@@ -93,18 +99,7 @@ async def test_a_body_trickling_in_gets_a_408_and_a_request_log(
         b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
     )
     started = time.monotonic()
-
-    async def trickle() -> None:
-        for _ in range(100):
-            await asyncio.sleep(0.1)
-            writer.write(b" ")
-
-    dripping = asyncio.ensure_future(trickle())
-    try:
-        answer = await read_all(reader, 5)
-    finally:
-        dripping.cancel()
-        writer.close()
+    answer = await trickle(reader, writer, b" " * 100, 0.1)
     assert status_of(answer) == 408
     assert "request body did not arrive within server.client_timeout" in error_of(answer)["message"]
     assert time.monotonic() - started < TIMEOUT + 1.5
