@@ -20,6 +20,7 @@ from .model_list import list_models
 from .redact import masked_url
 from .shutdown import DRAIN, Drain
 from .state import STATE, State, breaker_status, upstream_status, wall_clock
+from .usage import add_usage_routes
 
 # SillyTavern uses the base URL as typed, so a trailing slash doubles the one before
 # the endpoint; these are served directly (no redirect: a redirected POST loses its body).
@@ -64,6 +65,7 @@ async def health_detailed(request: web.Request) -> web.Response:
         "upstreams": [upstream_status(u, state.redactor) for u in settings.upstreams],
         "routing": config.routing.model_dump(mode="json"),
         "logging": logging_status(state.writer, state.request_log, state.error_log),
+        "usage": state.usage.status(),
     }
     return json_response(body)
 
@@ -95,6 +97,7 @@ def create_app(loaded: LoadedConfig) -> web.Application:
     app.on_response_prepare.append(add_response_headers)
     add_routes(app)
     add_log_routes(app, lambda: (state.request_log, state.error_log))
+    add_usage_routes(app, state.usage)
     if loaded.demo:
         add_demo_routes(app)
 

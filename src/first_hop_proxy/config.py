@@ -377,6 +377,16 @@ class ErrorLogging(Section):
     max_files: Annotated[int, Field(ge=1)] = 100
 
 
+class Usage(Section):
+    """Token and request totals per day, upstream, key and model (``usage``)."""
+
+    enabled: bool = True
+    #: A SQLite file; relative: to the config file's folder.
+    database: Annotated[str, Field(min_length=1)] = "usage.sqlite3"
+    #: Ask streaming upstreams for usage (``stream_options.include_usage``).
+    track_streams: bool = False
+
+
 class Config(Section):
     target_proxy: TargetProxy = Field(default_factory=TargetProxy)
     #: Filled from ``target_proxy`` (one entry, named "default") when the file has none.
@@ -390,6 +400,7 @@ class Config(Section):
     server: Server = Field(default_factory=Server)
     logging: Logging = Field(default_factory=Logging)
     error_logging: ErrorLogging = Field(default_factory=ErrorLogging)
+    usage: Usage = Field(default_factory=Usage)
 
 
 class ConfigError(Exception):
@@ -676,6 +687,7 @@ def _resolve_folders(config: Config, base_dir: Path) -> Config:
             "error_logging": config.error_logging.model_copy(
                 update={"folder": resolve(config.error_logging.folder)}
             ),
+            "usage": config.usage.model_copy(update={"database": resolve(config.usage.database)}),
         }
     )
 

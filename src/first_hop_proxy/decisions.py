@@ -219,6 +219,8 @@ class Decision:
     #: A daily quota said to be used up (its id, or the words that said so).
     quota: str | None = None
     timeouts: tuple[RuleTimeout, ...] = ()
+    #: A delivered JSON reply's ``usage`` object, already parsed here (for the totals).
+    usage: dict[str, Any] | None = None
 
     @property
     def counts_as_success(self) -> bool:
@@ -936,7 +938,14 @@ class _Judge:
         is_empty, finish = _empty_reply(doc, self.policy.empty_finish_reasons)
         if is_empty:
             return self.empty(status, finish)
-        return self.make(Action.DELIVER, "good reply", status, None)
+        usage = doc.get("usage") if isinstance(doc, dict) else None
+        return self.make(
+            Action.DELIVER,
+            "good reply",
+            status,
+            None,
+            usage=usage if isinstance(usage, dict) else None,
+        )
 
     def transport_as(self, kind: TransportError, message: str) -> Decision:
         self.outcome = replace(self.outcome, transport_error=kind, transport_message=message)

@@ -98,6 +98,10 @@ class Exchange:
     ended_status: int | None = None
     response: web.StreamResponse | None = None  # a stream's response, once committed
     _redactor: Redactor | None = None
+    #: The reply's ``usage`` (JSON body, or a stream's chunk), for the usage totals.
+    usage: dict[str, Any] | None = None
+    #: ``usage.track_streams`` asked the upstream for usage: its usage chunk is not the client's.
+    usage_added: bool = False
 
     @property
     def request_id(self) -> str:

@@ -29,6 +29,7 @@ from .state import REQUEST_ID, STATE
 from .streaming import relay_stream
 from .upstream import MB, Reply, fetch, fetch_assembled
 from .upstreams import Upstream
+from .usage import ask_for_usage, count_request
 
 log = logging.getLogger("first_hop_proxy")
 
@@ -150,6 +151,7 @@ async def handle(ex: Exchange) -> web.StreamResponse:
             redactor.headers(chat.headers),
         )
     if chat.stream:
+        ex.usage_added = ask_for_usage(ex.settings.config.usage, chat)
         return await relay_stream(ex, chat)
     return await relay_json(ex, chat)
 
@@ -218,6 +220,7 @@ def finish(ex: Exchange, status: int) -> None:
     if ex.outcome_note:
         record.error = record.error or ex.outcome_note
     ex.settings.request_log.write(record)
+    count_request(ex, status)
     chat = ex.chat
     note = f" ({ex.outcome_note})" if ex.outcome_note else ""
     via = f" via {ex.upstream.name}" if ex.upstream is not None and ex.settings.several else ""
@@ -250,6 +253,7 @@ async def relay_json(ex: Exchange, chat: ChatRequest) -> web.StreamResponse:
     if decision.action is not Action.DELIVER or reply is None or reply.status is None:
         return failure_response(ex, decision)
     body = reply.body
+    ex.usage = decision.usage  # parsed once, by the decision core
     if rewriter.has_response_rules:
         result = await rewriter.rewrite_response_async(body)
         ex.rule_timeouts(result.timeouts)

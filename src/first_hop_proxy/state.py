@@ -30,6 +30,7 @@ from .request_log import RequestLog
 from .rewrite import Rewriter
 from .routing import start_order
 from .upstreams import Upstream, build_upstreams
+from .usage import UsageTotals
 from .writer import LogWriter
 
 log = logging.getLogger("first_hop_proxy")
@@ -139,7 +140,11 @@ class State:
     started: float = field(default_factory=time.monotonic)
     counters: Counters = field(default_factory=Counters)
     rotation: int = 0  # round robin: where the next request starts
+    usage: UsageTotals = field(init=False)
     _session: aiohttp.ClientSession | None = None
+
+    def __post_init__(self) -> None:
+        self.usage = UsageTotals(lambda: self.config.usage, self.usage_write_failure)
 
     @classmethod
     def build(cls, loaded: LoadedConfig) -> State:
@@ -200,6 +205,7 @@ class State:
         upstream's own ``connect`` and ``sock_read`` times are set per request.
         """
         await self.writer.start()
+        self.usage.start()
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(total=None),
@@ -210,6 +216,7 @@ class State:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        await self.usage.close()
         await self.writer.close()
 
     def breaker_moved(self, upstream: Upstream, transition: Transition | None) -> None:
@@ -245,6 +252,9 @@ class State:
 
     def log_write_failure(self, message: str) -> None:
         self.error_log.log(ErrorEvent("log_write_error", "OSError", message))
+
+    def usage_write_failure(self, message: str) -> None:
+        self.error_log.log(ErrorEvent("usage_db_error", "UsageDatabaseError", message))
 
     def endpoint_error(self, request: web.Request, exc: BaseException) -> None:
         """An unexpected exception while serving ``request``, with its stack trace."""

@@ -31,6 +31,7 @@ from .resume import Seam, Transcript, add_usage, continuation_payload
 from .sse import DONE, comment, event_data, frame, parse_event
 from .upstream import MB, TRANSPORT_ERRORS, Reply, failure, open_stream
 from .upstreams import Upstream
+from .usage import StreamUsage
 
 T = TypeVar("T")
 
@@ -76,6 +77,7 @@ async def relay_stream(ex: Exchange, chat: ChatRequest) -> web.StreamResponse:
     if not (reply.events or reply.response):
         # A non-stream reply to a stream request (the upstream ignored "stream"): relay as is.
         ex.record.response_body = reply.body
+        ex.usage = decision.usage
         if out is None:
             return web.Response(
                 status=reply.status or 200,
@@ -214,10 +216,11 @@ class Relay:
     """The client's one stream, fed by the first upstream stream and any continuations.
 
     Events are parsed only when something needs their content: response
-    rewrite rules, a continuation being joined, or (on the log writer thread)
-    the request log's record of the assembled text. The response rewriter
-    runs over the joined text as one text: its held-back text waits across a
-    break for the continuation.
+    rewrite rules, a continuation being joined, the usage totals (only events
+    that name ``"usage"``), or (on the log writer thread) the request log's
+    record of the assembled text. The response rewriter runs over the joined
+    text as one text: its held-back text waits across a break for the
+    continuation.
     """
 
     def __init__(self, ex: Exchange, out: web.StreamResponse) -> None:
@@ -234,6 +237,7 @@ class Relay:
         self.transcript = Transcript() if resuming else None
         #: The continuation being relayed (None: the first stream).
         self.seam: Seam | None = None
+        self.usage = StreamUsage(ex, ex.usage_added) if settings.config.usage.enabled else None
 
     async def pump(self, reply: Reply, resuming: str = "") -> Break | Restart | None:
         """Relay one upstream stream that has content, each event as soon as it is read.
@@ -248,6 +252,9 @@ class Relay:
         keeping = self.observing or self.transcript is not None
         began = time.monotonic()
         events = upstream_events(reply)
+        usage = self.usage
+        if usage is not None:
+            usage.begin()
         try:
             while self.seam is not None and self.seam.joined is None:
                 event, _ = await keep_alive(
@@ -256,11 +263,21 @@ class Relay:
                 if event is None:
                     break
                 record.stream_events += 1
+                if usage is not None and b'"usage"' in event:
+                    seen = usage.see(event)
+                    if seen is None:
+                        continue  # the usage chunk the proxy asked for: not the client's
+                    event = seen
                 ended = await self.take(event)
                 if ended is not None:
                     return ended
             async for event in events:
                 record.stream_events += 1
+                if usage is not None and b'"usage"' in event:
+                    seen = usage.see(event)
+                    if seen is None:
+                        continue
+                    event = seen
                 if plain and not (b'"error"' in event or (disguises and b"roxy " in event)):
                     if keeping:
                         data = event_data(event)
