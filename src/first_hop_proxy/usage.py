@@ -96,18 +96,23 @@ SELECT = "SELECT * FROM usage_totals WHERE day >= ?"
 
 def token_count(value: Any) -> int:
     """A token figure as a whole number in 0..MAX_TOKENS; anything else counts 0."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return 0
-    if not math.isfinite(value) or value <= 0:
-        return 0
-    return min(int(value), MAX_TOKENS)
+    if type(value) is int:  # the usual case first: this runs on the request path
+        return value if 0 <= value <= MAX_TOKENS else (MAX_TOKENS if value > 0 else 0)
+    if type(value) is float and math.isfinite(value) and value > 0:
+        return min(int(value), MAX_TOKENS)
+    return 0
 
 
 def tokens(usage: Mapping[str, Any]) -> tuple[int, int, int]:
     """(prompt, completion, total) of a ``usage`` object; Anthropic's names count too."""
-    prompt = token_count(usage.get("prompt_tokens", usage.get("input_tokens")))
-    completion = token_count(usage.get("completion_tokens", usage.get("output_tokens")))
-    return prompt, completion, token_count(usage.get("total_tokens")) or prompt + completion
+    prompt = usage.get("prompt_tokens")
+    if prompt is None:
+        prompt = usage.get("input_tokens")
+    completion = usage.get("completion_tokens")
+    if completion is None:
+        completion = usage.get("output_tokens")
+    p, c = token_count(prompt), token_count(completion)
+    return p, c, token_count(usage.get("total_tokens")) or p + c
 
 
 def merge(into: Batch, batch: Batch) -> None:
@@ -238,6 +243,8 @@ class UsageTotals:
         self.last_error: str | None = None
         self.last_flush: float | None = None
         self._last_warning = -math.inf
+        self._day = ""
+        self._day_ends = -math.inf
 
     # -- the request path ---------------------------------------------------
 
@@ -246,7 +253,8 @@ class UsageTotals:
     ) -> None:
         """Count one request that ended (and the tokens its reply reported)."""
         pending = self._pending
-        slot = (date.today().isoformat(), upstream, key, model[:MAX_NAME])
+        day = self._day if time.time() < self._day_ends else self.new_day()
+        slot = (day, upstream, key, model[:MAX_NAME])
         counts = pending.get(slot)
         if counts is None:
             if len(pending) >= MAX_ROWS:
@@ -262,6 +270,14 @@ class UsageTotals:
             counts[2] += prompt
             counts[3] += completion
             counts[4] += total
+
+    def new_day(self) -> str:
+        """Today's local date, kept until the next local midnight (asking costs 1.5 us)."""
+        today = date.today()
+        self._day = today.isoformat()
+        midnight = datetime.combine(today + timedelta(days=1), datetime.min.time())
+        self._day_ends = midnight.timestamp()
+        return self._day
 
     # -- writing ------------------------------------------------------------
 
@@ -465,7 +481,8 @@ def ask_for_usage(config: Usage, chat: ChatRequest) -> bool:
     True when the request was changed: the usage-only chunk that comes back is then
     the proxy's, not the client's (:class:`StreamUsage` removes it). Without
     ``stream_options`` in the body (the usual case) the option is added to the
-    bytes, not by serializing the body again (which may hold megabytes of images).
+    bytes (one copy), not by serializing the body again (which may hold megabytes of
+    images).
     """
     if not (config.enabled and config.track_streams):
         return False
@@ -473,18 +490,23 @@ def ask_for_usage(config: Usage, chat: ChatRequest) -> bool:
     if isinstance(options, dict) and options.get("include_usage") is True:
         return False
     if "stream_options" in chat.payload:  # there, but not asking: merged, the body redone
-        asked = {**options, "include_usage": True} if isinstance(options, dict) else None
-        chat.payload = {**chat.payload, "stream_options": asked or {"include_usage": True}}
+        asked = {**options} if isinstance(options, dict) else {}
+        asked["include_usage"] = True
+        chat.payload = {**chat.payload, "stream_options": asked}
         chat.body = orjson.dumps(chat.payload)
         return True
     chat.payload = {**chat.payload, "stream_options": {"include_usage": True}}
-    head = chat.body.rstrip()[:-1].rstrip()  # a JSON object: it ends with "}"
-    chat.body = head + (b"," if not head.endswith(b"{") else b"") + USAGE_OPTION + b"}"
+    body = chat.body
+    end = len(body) - 1  # the object's closing "}"; it is not empty (it has messages)
+    while body[end] in b" \t\r\n":
+        end -= 1
+    chat.body = b"".join((memoryview(body)[:end], b",", USAGE_OPTION, b"}"))
     return True
 
 
 #: ``"usage": null``, with the comma that separates it from its neighbour; OpenAI
 #: sends it in every chunk but the last when usage was asked for.
+NULL_TAIL = b',"usage":null}'
 NULL_USAGE = re.compile(rb'"usage"\s*:\s*null\s*,\s*|,\s*"usage"\s*:\s*null(?=\s*\})')
 
 
