@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import Mapping
 from datetime import date, timedelta
 from pathlib import Path
@@ -264,6 +265,23 @@ async def test_totals_per_upstream_and_model(upstream: FakeUpstream, tmp_path: P
     finally:
         await proxy.close()
         await other.close()
+
+
+async def test_totals_per_pool_key_by_its_last_four_characters(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    keys = [f"AIzaSyFAKE{'x' * 24}k{n:03d}" for n in (1, 2)]
+    proxy = await start_proxy({"target_proxy": {"keys": keys}})
+    for _ in range(3):
+        await post(proxy, chat_body())
+    rows = await get_usage(proxy)
+    assert [(r["key"], r["requests"]) for r in rows] == [("...k001", 2), ("...k002", 1)]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(proxy.url + "/usage") as resp,
+    ):
+        text = await resp.text()
+    assert all(key not in text and key[:-4] not in text for key in keys)
 
 
 # -- the database -------------------------------------------------------------------------
@@ -579,6 +597,16 @@ def test_rows_in_memory_are_bounded() -> None:
     totals.add("up", "", "x" * 1000, True, None)  # long names are cut
     assert (TODAY, "up", "", "x" * 200) not in pending  # past the bound: under OTHER
     assert pending[(TODAY, "up", "", OTHER)] == [51, 1, 0, 0, 50]
+
+
+def test_the_day_is_asked_again_after_midnight() -> None:
+    totals = UsageTotals(lambda: Usage())
+    totals.add("up", "", "m", False, None)
+    assert totals._day == TODAY and totals._day_ends > time.time()
+    totals._day, totals._day_ends = "1999-12-31", time.time() - 1  # midnight has passed
+    totals.add("up", "", "m", False, None)
+    assert list(totals._pending) == [(TODAY, "up", "", "m")]
+    assert totals._pending[(TODAY, "up", "", "m")][0] == 2
 
 
 def test_a_delivered_reply_carries_its_usage() -> None:
