@@ -34,7 +34,17 @@ from first_hop_proxy.usage import (
 )
 
 from .conftest import StartProxy, chat_body, merge, raw_request, wait_until
-from .fake_upstream import Choose, FakeUpstream, Json, Sse, chunk, completion, text_chunks
+from .fake_upstream import (
+    Choose,
+    FakeUpstream,
+    Json,
+    Prose,
+    Sse,
+    chunk,
+    completion,
+    text_chunks,
+    words,
+)
 from .log_helpers import error_logs, settle, state_of
 
 CHAT = "/v1/chat/completions"
@@ -149,6 +159,22 @@ async def test_usage_in_a_content_chunk_is_counted(
     status, body = await post(proxy, chat_body(stream=True))
     assert status == 200 and b'"input_tokens":9' in body  # it holds content: relayed
     assert await get_usage(proxy) == [row(prompt_tokens=9, completion_tokens=4, total_tokens=13)]
+
+
+async def test_a_resumed_stream_counts_what_each_upstream_stream_reported(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    """stream_resume: the first stream broke after reporting 5 tokens; the
+    continuation (with its own prompt) reported the rest."""
+    proxy = await start_proxy({"error_handling": {"stream_resume": {"enabled": True}}})
+    text = "Once upon a time, there was a dragon who lived in the castle on the hill."
+    upstream.queue(Prose(text, cut_after=5, usage="each"), Prose(text, usage="final"))
+    status, body = await post(proxy, chat_body(stream=True))
+    assert status == 200 and b"stream_interrupted" not in body
+    rest = len(words(text)) - 5
+    assert await get_usage(proxy) == [
+        row(prompt_tokens=20, completion_tokens=5 + rest, total_tokens=20 + 5 + rest)
+    ]
 
 
 # -- track_streams ------------------------------------------------------------------------
