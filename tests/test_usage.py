@@ -413,6 +413,8 @@ async def test_a_broken_database_never_stops_the_proxy(
         db.unlink()
     await wait_until(lambda: db.is_file() and db_rows(db), 5)
     assert db_rows(db) == [(TODAY, "default", "", "fake-model", 3, 0, 9, 9, 18)]
+    await wait_until(lambda: "written to" in caplog.text, 5)
+    assert "usage totals: written to" in caplog.text and "nothing was lost" in caplog.text
 
 
 async def test_a_locked_database_waits_in_memory(

@@ -91,7 +91,7 @@ ON CONFLICT (day, upstream, key, model) DO UPDATE SET
     completion_tokens = completion_tokens + excluded.completion_tokens,
     total_tokens = total_tokens + excluded.total_tokens
 """
-SELECT = "SELECT * FROM usage_totals WHERE day >= ?"
+SELECT = f"SELECT day, upstream, key, model, {', '.join(FIELDS)} FROM usage_totals WHERE day >= ?"
 
 
 def token_count(value: Any) -> int:
@@ -243,6 +243,7 @@ class UsageTotals:
         self.last_error: str | None = None
         self.last_flush: float | None = None
         self._last_warning = -math.inf
+        self._failing = False
         self._day = ""
         self._day_ends = -math.inf
 
@@ -307,6 +308,9 @@ class UsageTotals:
             if ok:
                 self.flushes += 1
                 self.last_flush = time.time()
+                if self._failing:
+                    self._failing = False
+                    log.warning("usage totals: written to %s again; nothing was lost", path)
             else:
                 merge(self._pending, batch)  # tried again with the next batch
                 self.failed(path, result)
@@ -317,6 +321,7 @@ class UsageTotals:
         """Count a database failure; warn (and error-log) at most once a minute."""
         self.failures += 1
         self.last_error = f"{type(exc).__name__}: {exc}"
+        self._failing = True
         now = time.monotonic()
         if now - self._last_warning < WARN_SECONDS:
             return
