@@ -37,6 +37,7 @@ from .conftest import StartProxy, chat_body, merge, raw_request, wait_until
 from .fake_upstream import (
     Choose,
     FakeUpstream,
+    Hang,
     Json,
     Prose,
     Sse,
@@ -256,6 +257,19 @@ async def test_failed_requests_are_counted(start_proxy: StartProxy, upstream: Fa
     assert await get_usage(proxy) == [
         row(requests=3, failed=2, prompt_tokens=3, completion_tokens=3, total_tokens=6)
     ]
+
+
+async def test_a_client_that_leaves_counts_as_failed(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = await start_proxy()
+    upstream.queue(Hang(5))
+    timeout = aiohttp.ClientTimeout(total=0.3)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        with pytest.raises(asyncio.TimeoutError):
+            await session.post(proxy.url + CHAT, json=chat_body())
+    await wait_until(lambda: state_of(proxy).usage.status()["unsaved_requests"], 5)
+    assert await get_usage(proxy) == [row(failed=1)]
 
 
 async def test_requests_that_reach_no_upstream_are_not_counted(
