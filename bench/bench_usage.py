@@ -1,15 +1,22 @@
 """What the usage totals cost the request path: per request, and per streamed event.
 
-Run: .venv/bin/python bench/bench_usage.py
+Run: .venv/bin/python bench/bench_usage.py [--e2e]
 Figures are the best of several runs, in nanoseconds. For scale: the proxy spends
 about 260 us of CPU per request with logging off (RESULTS.md, "CPU per request").
 The database writes are not on the request path (a thread of their own, every few
 seconds); their cost is shown last, for a batch.
+
+``--e2e`` also runs the proxy twice, usage totals on and off (logging off in both,
+so that only the totals differ), against the bench's fake upstream, with wrk at
+c=1 and c=16 in alternation, and prints the CPU per request of each: a whole-proxy
+figure, whose noise on a shared machine is far larger than the hook itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -18,6 +25,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import orjson
+import yaml
 
 from first_hop_proxy.config import Usage
 from first_hop_proxy.usage import (
@@ -126,9 +134,63 @@ async def bench_flush() -> None:
         db.close()
 
 
+def bench_e2e(runs: int = 5, seconds: float = 4.0) -> None:
+    """The whole proxy, usage totals on and off: CPU per request, medians of ``runs``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from harness.load import cpu_seconds, run_wrk, wrk_script
+    from harness.targets import free_port, spawn, stop, wait_http
+
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        port = free_port()
+        bench = Path(__file__).resolve().parent
+        procs = [
+            spawn(
+                [sys.executable, str(bench / "upstream.py"), "--port", str(port)], work / "up.log"
+            )
+        ]
+        try:
+            assert wait_http(f"http://127.0.0.1:{port}/v1/models", procs[0], 20) is None
+            urls = {}
+            for name, enabled in (("usage on", True), ("usage off", False)):
+                home = work / name.replace(" ", "-")
+                home.mkdir()
+                own = free_port()
+                config = {
+                    "target_proxy": {"url": f"http://127.0.0.1:{port}/v1/chat/completions"},
+                    "logging": {"enabled": False},
+                    "error_logging": {"enabled": False},
+                    "usage": {"enabled": enabled},
+                }
+                (home / "config.yaml").write_text(yaml.safe_dump(config), "utf-8")
+                cmd = [sys.executable, "-m", "first_hop_proxy", "serve"]
+                cmd += ["--config", str(home / "config.yaml"), "--port", str(own)]
+                proc = spawn(cmd, home / "proxy.log")
+                procs.append(proc)
+                assert wait_http(f"http://127.0.0.1:{own}/health", proc, 30) is None
+                urls[name] = (f"http://127.0.0.1:{own}/v1/chat/completions", proc.pid)
+            script = wrk_script(work, "post.lua")
+            for conns in (1, 16):
+                cpu: dict[str, list[float]] = {name: [] for name in urls}
+                for _ in range(runs):
+                    for name, (url, pid) in urls.items():
+                        before = cpu_seconds(pid)[0]
+                        result = run_wrk(script, url, conns, seconds)
+                        cpu[name].append((cpu_seconds(pid)[0] - before) / result["requests"])
+                print(f"the whole proxy, c={conns}, CPU per request (median of {runs}):")
+                for name, values in cpu.items():
+                    spread = f"{min(values) * 1e6:.0f}-{max(values) * 1e6:.0f}"
+                    show(f"{name} (runs: {spread} us)", statistics.median(values) * 1e9)
+        finally:
+            for proc in reversed(procs):
+                stop(proc)
+
+
 if __name__ == "__main__":
     bench_request()
     bench_stream()
     bench_track_streams()
     print("the usage thread, every few seconds (not on the request path), per write:")
     asyncio.run(bench_flush())
+    if "--e2e" in sys.argv:
+        bench_e2e()
