@@ -14,7 +14,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -29,6 +29,7 @@ from pydantic import (
     field_validator,
 )
 
+from .config_file import FILE_NAME, INIT_COMMAND, find_config
 from .dialects import DEFAULT_TITLE_PATTERN
 from .headers import is_empty_value
 from .redact import is_secret_header
@@ -399,11 +400,17 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class LoadedConfig:
-    """A validated config, where it came from, and what was odd about it."""
+    """A validated config, where it came from, and what was odd about it.
+
+    ``path`` is None when no config file was found; ``searched`` then lists the
+    places looked. ``empty``: the file holds no settings (blank or only comments).
+    """
 
     config: Config
     path: Path | None = None
     warnings: list[str] = field(default_factory=list)
+    searched: tuple[Path, ...] = ()
+    empty: bool = False
 
     @property
     def demo(self) -> bool:
@@ -411,29 +418,28 @@ class LoadedConfig:
         return not self.config.upstreams
 
 
-def default_config_path(env: Mapping[str, str] | None = None) -> Path:
-    env = os.environ if env is None else env
-    return Path(env.get("FHP_CONFIG") or "config.yaml")
-
-
 def load_config(
     path: Path | None = None, env: Mapping[str, str] | None = None, *, required: bool = False
 ) -> LoadedConfig:
-    """Load and validate the config at ``path`` (default: ``$FHP_CONFIG`` or ./config.yaml).
+    """Load and validate the config at ``path``, else the first one found (see
+    :func:`config_file.find_config`).
 
-    A missing file is demo mode unless ``required``; everything else that is
-    wrong raises :class:`ConfigError` listing every problem.
+    No file anywhere is demo mode unless ``required``; a named file that is
+    missing, and everything else that is wrong, raises :class:`ConfigError`
+    listing every problem.
     """
     env = os.environ if env is None else env
-    explicit = path is not None or bool(env.get("FHP_CONFIG"))
-    path = path or default_config_path(env)
-    if not path.exists():
-        if required or explicit:
+    lookup = find_config(path, env)
+    path = lookup.path
+    if path is None or not path.exists():
+        if required or path is not None:
+            where = path or Path(FILE_NAME)
             raise ConfigError(
-                [f"no such file; copy config.yaml.example to {path} and set target_proxy.url"],
-                str(path),
+                [f"no such file; write a starter config there with: {INIT_COMMAND} {where}"],
+                str(where),
             )
-        return parse_config({}, base_dir=Path.cwd(), env=env)
+        loaded = parse_config({}, base_dir=Path.cwd(), env=env)
+        return replace(loaded, searched=lookup.searched)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -447,7 +453,7 @@ def load_config(
     if not isinstance(data, dict):
         raise ConfigError(["the top level must be a mapping of sections"], str(path))
     loaded = parse_config(data, base_dir=path.resolve().parent, env=env, source=str(path))
-    return LoadedConfig(loaded.config, path, loaded.warnings)
+    return replace(loaded, path=path, empty=not data)
 
 
 def parse_config(
