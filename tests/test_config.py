@@ -535,6 +535,14 @@ def test_public_host_with_key_warns(host: str) -> None:
     assert warning.startswith(f"server.host: listening on {host} exposes the key")
 
 
+def test_configured_accept_encoding_warns() -> None:
+    warnings = parse({"target_proxy": {"headers": {"accept-encoding": "br"}}}).warnings
+    assert warnings == [
+        "target_proxy.headers.Accept-Encoding: ignored; the proxy asks the upstream only "
+        "for the encodings it can decode (gzip, deflate, br, zstd)"
+    ]
+
+
 @pytest.mark.parametrize(
     ("host", "headers"),
     [

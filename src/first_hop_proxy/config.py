@@ -31,7 +31,7 @@ from pydantic import (
 
 from .config_file import FILE_NAME, INIT_COMMAND, find_config
 from .dialects import DEFAULT_TITLE_PATTERN
-from .headers import is_empty_value
+from .headers import ACCEPT_ENCODING, is_empty_value
 from .redact import is_secret_header
 
 StatusCode = Annotated[int, Field(ge=100, le=599)]
@@ -743,6 +743,17 @@ def _semantic_warnings(config: Config) -> list[str]:
             f"error_handling.{loser}: {listed} also in {winner}; {winner} wins "
             "(precedence: fail_codes, then retry_codes, then conditional_retry_codes)"
         )
+    configured = (  # target_proxy alone stands for upstreams[0] (see _resolve_upstreams)
+        [("target_proxy", config.target_proxy.headers)]
+        if config.target_proxy.url
+        else [(f"upstreams[{i}]", u.headers) for i, u in enumerate(config.upstreams)]
+    )
+    for where, headers in configured:
+        if any(name.lower() == "accept-encoding" for name in headers):
+            warnings.append(
+                f"{where}.headers.Accept-Encoding: ignored; the proxy asks the upstream "
+                f"only for the encodings it can decode ({ACCEPT_ENCODING})"
+            )
     if not is_local_host(config.server.host) and any(
         is_secret_header(h) and not is_empty_value(v)
         for headers in [config.target_proxy.headers, *(u.headers for u in config.upstreams)]
