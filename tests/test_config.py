@@ -297,7 +297,10 @@ def test_user_config_folders_resolve_against_it(
 
 def test_starter_config_is_the_example() -> None:
     """The package ships the starter config; the repository's example is the same text."""
-    assert starter_config() == EXAMPLE.read_text(encoding="utf-8")
+    assert starter_config() == EXAMPLE.read_text(encoding="utf-8"), (
+        "config.yaml.example changed: copy it into the package too "
+        "(cp config.yaml.example src/first_hop_proxy/config.yaml.example)"
+    )
 
 
 def test_write_starter_config_never_overwrites(tmp_path: Path) -> None:
