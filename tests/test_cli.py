@@ -443,7 +443,7 @@ async def test_demo_mode(tmp_path: Path) -> None:
     assert streamed == reply
     assert [m["id"] for m in models["data"]] == ["demo"]
     assert detailed["demo_mode"] is True
-    assert detailed["config_file"] is None
+    assert detailed["config"]["file"] is None
     assert "config: no config file" in proxy.stderr
     assert "DEMO MODE: no config file found" in proxy.stderr
     assert f"{tmp_path / 'config.yaml'}" in proxy.stderr
@@ -471,7 +471,7 @@ async def test_banner_and_health_name_the_config_file(tmp_path: Path) -> None:
                 async with session.post(proxy.url + "/v1/chat/completions", json=chat_body()):
                     pass
             assert await proxy.stop() == 0
-        assert detailed["config_file"] == str(user_file)
+        assert detailed["config"]["file"] == str(user_file)
         assert detailed["demo_mode"] is False
         assert f"config: {user_file}" in proxy.stderr
         assert "DEMO MODE" not in proxy.stderr

@@ -539,11 +539,16 @@ def test_public_host_with_key_warns(host: str) -> None:
 
 
 def test_configured_accept_encoding_warns() -> None:
-    warnings = parse({"target_proxy": {"headers": {"accept-encoding": "br"}}}).warnings
-    assert warnings == [
-        "target_proxy.headers.Accept-Encoding: ignored; the proxy asks the upstream only "
+    url = "http://127.0.0.1:9/v1/chat/completions"
+    headers = {"accept-encoding": "br"}
+    ignored = (
+        ".headers.Accept-Encoding: ignored; the proxy asks the upstream only "
         "for the encodings it can decode (gzip, deflate, br, zstd)"
-    ]
+    )
+    single = parse({"target_proxy": {"url": url, "headers": headers}}).warnings
+    assert single == ["target_proxy" + ignored]
+    listed = [{"name": "a", "url": url}, {"name": "b", "url": url, "headers": headers}]
+    assert parse({"upstreams": listed}).warnings == ["upstreams[1]" + ignored]
 
 
 @pytest.mark.parametrize(

@@ -219,7 +219,7 @@ async def test_init_check_config_and_serve_from_an_empty_folder(
     stderr = err.decode()
     assert process.returncode == 0, stderr
     assert reply["choices"][0]["message"]["content"] == "Hello there!"
-    assert detailed["config_file"] == str(user_file)
+    assert detailed["config"]["file"] == str(user_file)
     assert detailed["demo_mode"] is False
     assert f"config: {user_file}" in stderr
     assert f"listening on {url}" in stderr

@@ -51,8 +51,8 @@ def banner(loaded: LoadedConfig) -> str:
             f"  `{INIT_COMMAND} {path}` for the commented starter config), {restart}"
         )
     return (
-        f"DEMO MODE: the config file {path} sets no target_proxy.url, {_DEMO}\n"
-        f"  To use your AI proxy: set target_proxy.url in it, {restart}"
+        f"DEMO MODE: the config file {path} sets no target_proxy.url (and no upstreams),\n"
+        f"  {_DEMO} To use your AI proxy: set target_proxy.url in it, {restart}"
     )
 
 
