@@ -44,44 +44,34 @@ def headers_for(accept: str | None) -> dict[str, str]:
     return headers
 
 
-def assert_uncompressed_for(accept: str | None, response_headers: dict[str, str]) -> None:
-    """The client is answered uncompressed (which every client accepts here)."""
-    assert response_headers.get("content-encoding", "identity") == "identity", accept
-
-
-@pytest.mark.parametrize("encoding", ENCODINGS)
-@pytest.mark.parametrize("accept", CLIENT_OFFERS)
-async def test_json_reply_in_every_encoding(
-    upstream: FakeUpstream, proxy: RunningServer, encoding: str, accept: str | None
-) -> None:
-    upstream.compress = (encoding,)
-    body = orjson.dumps(chat_body())
+async def reply_text(proxy: RunningServer, accept: str | None, stream: bool) -> str:
+    """A chat's reply text, asked for by a client offering ``accept``; the answer comes
+    uncompressed (which every client accepts here)."""
+    body = orjson.dumps(chat_body(stream=stream))
     resp = await raw_request(proxy.port, "POST", "/v1/chat/completions", body, headers_for(accept))
     assert resp.status == 200, resp.body
-    assert_uncompressed_for(accept, resp.headers)
-    assert resp.json["choices"][0]["message"]["content"] == "Hello there!"
-    assert upstream.encodings == [encoding]
-    assert upstream.received[-1].headers["Accept-Encoding"] == ACCEPT_ENCODING
-
-
-@pytest.mark.parametrize("encoding", ENCODINGS)
-@pytest.mark.parametrize("accept", CLIENT_OFFERS)
-async def test_stream_in_every_encoding(
-    upstream: FakeUpstream, proxy: RunningServer, encoding: str, accept: str | None
-) -> None:
-    upstream.compress = (encoding,)
-    upstream.default = Sse(text_chunks("Hello", " there", "!"))
-    body = orjson.dumps(chat_body(stream=True))
-    resp = await raw_request(proxy.port, "POST", "/v1/chat/completions", body, headers_for(accept))
-    assert resp.status == 200, resp.body
-    assert_uncompressed_for(accept, resp.headers)
+    assert resp.headers.get("content-encoding", "identity") == "identity", accept
+    if not stream:
+        return str(resp.json["choices"][0]["message"]["content"])
+    assert resp.body.endswith(b"data: [DONE]\n\n")
     text = ""
     for event in resp.body.decode().strip().split("\n\n"):
         data = event.removeprefix("data: ")
         if data != "[DONE]":
             text += orjson.loads(data)["choices"][0]["delta"].get("content", "")
-    assert text == "Hello there!"
-    assert resp.body.endswith(b"data: [DONE]\n\n")
+    return text
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("accept", CLIENT_OFFERS)
+async def test_reply_in_every_encoding(
+    upstream: FakeUpstream, proxy: RunningServer, encoding: str, accept: str | None, stream: bool
+) -> None:
+    upstream.compress = (encoding,)
+    if stream:
+        upstream.default = Sse(text_chunks("Hello", " there", "!"))
+    assert await reply_text(proxy, accept, stream) == "Hello there!"
     assert upstream.encodings == [encoding]
     assert upstream.received[-1].headers["Accept-Encoding"] == ACCEPT_ENCODING
 
@@ -110,10 +100,7 @@ async def test_the_cdns_preference_not_the_clients(
 ) -> None:
     """The client asks for gzip only; the upstream picks br from what the proxy offers."""
     upstream.compress = ENCODINGS
-    body = orjson.dumps(chat_body())
-    resp = await raw_request(proxy.port, "POST", "/v1/chat/completions", body, headers_for("gzip"))
-    assert resp.status == 200
-    assert resp.json["choices"][0]["message"]["content"] == "Hello there!"
+    assert await reply_text(proxy, "gzip", stream=False) == "Hello there!"
     assert upstream.encodings == ["br"]
 
 
@@ -146,7 +133,6 @@ async def test_configured_accept_encoding_is_not_sent(
 ) -> None:
     proxy = await start_proxy({"target_proxy": {"headers": {"Accept-Encoding": "br, x-magic"}}})
     upstream.compress = ENCODINGS
-    body = orjson.dumps(chat_body())
-    resp = await raw_request(proxy.port, "POST", "/v1/chat/completions", body, headers_for(None))
-    assert resp.status == 200
+    assert await reply_text(proxy, None, stream=False) == "Hello there!"
     assert upstream.received[-1].headers["Accept-Encoding"] == ACCEPT_ENCODING
+    assert upstream.encodings == ["br"]
