@@ -220,9 +220,11 @@ def test_default_lists_do_not_overlap() -> None:
 
 @pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "{}\n"])
 def test_empty_file_is_all_defaults(tmp_path: Path, text: str) -> None:
-    loaded = load_config(write(tmp_path, text), env={})
-    assert loaded.warnings == []
+    path = write(tmp_path, text)
+    loaded = load_config(path, env={})
     assert loaded.demo and loaded.empty
+    if text.strip() in ("", "# only a comment"):
+        assert loaded.warnings == [f"{path} is empty: built-in defaults apply"]
     assert loaded.config.server.host == "127.0.0.1"
     assert not load_config(write(tmp_path, "server:\n  port: 1\n"), env={}).empty
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import io
 import logging
 
-from first_hop_proxy.console import BatchingHandler
+from first_hop_proxy.console import BatchingHandler, mask_with
+from first_hop_proxy.redact import Redactor
+
+from .keys import assert_no_leak, random_key
 
 
 def test_lines_are_written_in_order_and_flushed_at_close() -> None:
@@ -24,3 +27,67 @@ def test_lines_are_written_in_order_and_flushed_at_close() -> None:
     logger.removeHandler(handler)
     lines = stream.getvalue().splitlines()
     assert lines == [f"INFO line {i} ['a']" for i in range(500)]
+
+
+def render(*args: object, redactor: Redactor | None = None, message: str = "%s %s") -> str:
+    """What the handler writes for one record logged with ``message % args``."""
+    stream = io.StringIO()
+    handler = BatchingHandler(stream, interval=0.01, redactor=redactor)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger = logging.getLogger("first_hop_proxy.test_console.render")
+    logger.propagate = False
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        logger.info(message, *args)
+    finally:
+        handler.close()
+        logger.removeHandler(handler)
+    return stream.getvalue()
+
+
+def test_a_value_cannot_forge_a_line_or_drive_the_terminal() -> None:
+    model = "gpt\n12:00:00 INFO forged line\x1b[2J\x1b]0;title\x07\u202eevil\r"
+    out = render("abc123", model)
+    assert out.count("\n") == 1  # one line
+    assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out and "\r" not in out
+    assert out == (
+        "INFO abc123 gpt\\n12:00:00 INFO forged line\\x1b[2J\\x1b]0;title\\x07\\u202eevil\\r\n"
+    )
+
+
+def test_keys_are_masked_in_every_line() -> None:
+    configured = random_key("cfg-", 40)  # not key-shaped: only the redactor knows it
+    key_shaped = random_key("sk-test-")
+    out = render(f"model {key_shaped}", f"echo {configured}", redactor=Redactor([configured]))
+    assert_no_leak(out, key_shaped)
+    assert_no_leak(out, configured)
+    assert "sk-…" in out and "cfg…" in out
+
+
+def test_own_multi_line_messages_keep_their_lines_but_no_escape_sequences() -> None:
+    out = render(message="DEMO MODE: first line\n  second line \x1b[31m")
+    assert out == "INFO DEMO MODE: first line\n  second line \\x1b[31m\n"
+
+
+def test_numbers_keep_their_format() -> None:
+    assert render(3, 0.5, message="%d attempts, %.2f s") == "INFO 3 attempts, 0.50 s\n"
+
+
+def test_a_reloaded_config_s_keys_are_masked_from_then_on() -> None:
+    stream = io.StringIO()
+    handler = BatchingHandler(stream, interval=0.01)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    logger = logging.getLogger("test_console_reload")
+    logger.setLevel(logging.INFO)
+    new_key = random_key("new-", 40)
+    try:
+        mask_with(Redactor([new_key]))
+        logger.info("upstream said: %s", new_key)
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+    assert_no_leak(stream.getvalue(), new_key)
+    assert "upstream said: new…" in stream.getvalue()

@@ -19,25 +19,10 @@ import pytest
 
 from .conftest import StartProxy, chat_body, free_port
 from .fake_upstream import FakeUpstream, Hang, Json, Sse, chunk
-from .keys import random_key, windows
+from .keys import random_key
+from .leak_helpers import Outputs
 from .log_helpers import error_logs, request_logs, settle
 from .test_redact import SHAPE_EXAMPLES
-
-
-def leaks(text: str, pieces: set[str]) -> list[str]:
-    return sorted(p for p in pieces if p in text)
-
-
-class Outputs:
-    """Everything the proxy let out, by where it went."""
-
-    def __init__(self) -> None:
-        self.texts: dict[str, str] = {}
-
-    def add(self, where: str, text: str | bytes) -> None:
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", "replace")
-        self.texts[where] = self.texts.get(where, "") + text + "\n"
 
 
 @pytest.mark.timeout(60)
@@ -141,53 +126,17 @@ async def test_no_key_or_piece_of_one_leaks_anywhere(
             out.add(f"client error body {resp.status}", await resp.read())
             assert resp.status == expected
 
-    for running in (proxy, dead, slow):
-        await settle(running)
-        async with aiohttp.ClientSession() as session:
-            for path in ("/health/detailed", "/logs/errors?limit=1000", "/logs/requests"):
-                async with session.get(running.url + path) as resp:
-                    out.add(path, await resp.read())
-            async with session.get(running.url + "/logs/errors?limit=1000") as resp:
-                listing = await resp.json()
-            for item in listing["files"]:
-                async with session.get(f"{running.url}/logs/errors/{item['name']}") as resp:
-                    assert resp.status == 200
-                    out.add("GET /logs/errors/{name}", await resp.read())
-            async with session.get(running.url + "/logs/requests") as resp:
-                entries = (await resp.json())["requests"]
-            for entry in entries:
-                async with session.get(f"{running.url}/logs/requests/{entry['id']}") as resp:
-                    assert resp.status == 200
-                    out.add("GET /logs/requests/{id}", await resp.read())
-
-    files = [p for p in (tmp_path / "logs").rglob("*") if p.is_file()]
+    await out.gather([proxy, dead, slow], tmp_path, caplog, capsys)
     assert len(request_logs(tmp_path / "logs")) == 8 + 2
     errors = error_logs(tmp_path / "logs" / "errors")
     codes = {p.name.split("_20")[0] for p in errors}
     assert {"503", "hard_stop", "401", "bad_request", "connection_error", "timeout"} <= codes
-    for path in files:
-        out.add(f"file {path.relative_to(tmp_path)}", path.read_bytes())
-    for record in caplog.records:
-        out.add("console (logging)", record.getMessage())
-        if record.exc_text:
-            out.add("console (logging)", record.exc_text)
-    captured = capsys.readouterr()
-    out.add("stdout", captured.out)
-    out.add("stderr", captured.err)
-    out.add("caplog text", caplog.text)
 
     # the outputs are not empty: the keys were masked, not the logs lost
     assert any("sk-…" in text for text in out.texts.values())
     assert any("Incorrect API key provided" in t for w, t in out.texts.items() if "file" in w)
     assert any(w.startswith("client error body 401") for w in out.texts)
-    found = {}
-    for name, secret in (("upstream key", key), ("client key", client_key)):
-        pieces = windows(secret)
-        for where, text in out.texts.items():
-            hits = leaks(text, pieces)
-            if hits:
-                found[f"{name} in {where}"] = hits[0]
-    assert found == {}
+    assert out.leaks({"upstream key": key, "client key": client_key}) == {}
 
 
 async def test_no_key_placeholder_is_not_masked(
@@ -250,10 +199,4 @@ async def test_every_key_shape_is_masked_end_to_end(
     out.add("console", caplog.text)
     assert len(error_logs(tmp_path / "logs" / "errors")) >= 2
     assert "Invalid keys: " in out.texts["GET /logs/requests/{id}"]
-    found = {
-        f"{secret[:8]} in {where}": hits[0]
-        for secret in keys
-        for where, text in out.texts.items()
-        if (hits := leaks(text, windows(secret)))
-    }
-    assert found == {}
+    assert out.leaks({secret[:8]: secret for secret in keys}) == {}

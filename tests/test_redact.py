@@ -17,7 +17,9 @@ from first_hop_proxy.redact import (
     KEY_SHAPES,
     Redactor,
     _has_unicode_escape,
+    clip,
     header_secrets,
+    is_secret_header,
     mask,
     redact_headers,
     redact_obj,
@@ -65,7 +67,22 @@ class TestHeaders:
 
     @pytest.mark.parametrize(
         "name",
-        ["Proxy-Authorization", "X-Api-Key", "Api-Key", "x-goog-api-key", "Cookie", "Set-Cookie"],
+        [
+            "Proxy-Authorization",
+            "X-Api-Key",
+            "Api-Key",
+            "x-goog-api-key",
+            "Cookie",
+            "Set-Cookie",
+            "X-Custom-Pass",
+            "X-Passphrase",
+            "X-Client-Secret",
+            "X-Auth",
+            "X-Session",
+            "X-Amz-Security-Token",
+            "X-Credential",
+            "X-Signature",
+        ],
     )
     def test_secret_headers_masked(self, name: str) -> None:
         value = "session=" + random_key("", 30)
@@ -177,6 +194,52 @@ class TestKnownSecrets:
 
     def test_tiny_known_secret_ignored(self) -> None:
         assert Redactor(["abc"]).text("abc abc") == "abc abc"
+
+    @pytest.mark.parametrize("prefix", ["sk-", "sk-proj-", "sk-ant-api03-", "sk_live_", "AIza"])
+    def test_body_without_its_prefix_masked(self, prefix: str) -> None:
+        """An upstream echoing the configured key without its ``sk-`` prefix."""
+        key = random_key(prefix, 40)
+        body = key[len(prefix) :]
+        out = Redactor([key]).text(f"invalid key {body}, check it")
+        assert_no_leak(out, body)
+        assert out == f"invalid key {mask(key)}, check it"  # the same stand-in as the whole key
+
+    @pytest.mark.parametrize("cut", [6, 12, 20, 47])
+    @pytest.mark.parametrize("after", ["", "…", "...", '"', " )", "\n"])
+    def test_stump_at_the_end_of_a_cut_text_masked(self, cut: int, after: str) -> None:
+        key = random_key("sk-test-", 40)
+        out = Redactor([key]).text("the upstream said: " + key[:cut] + after)
+        assert out == f"the upstream said: {mask(key)}{after}"
+
+    def test_stump_needs_six_characters_and_the_end(self) -> None:
+        key = random_key("ab", 40)
+        redactor = Redactor([key])
+        assert redactor.text("ends with " + key[:5]) == "ends with " + key[:5]
+        inside = f"{key[:10]} and more"  # a key's start inside a text is not a cut
+        assert redactor.text(inside) == inside
+
+
+class TestClip:
+    def test_masks_before_cutting(self) -> None:
+        key = random_key("sk-test-", 40)
+        text = "x" * 90 + key
+        assert clip(text, 100) == "x" * 90 + mask(key)
+        assert text[:100].endswith(key[:10])  # what cutting first would have left
+
+    def test_one_line_and_an_ellipsis(self) -> None:
+        assert clip("a\n b\t\r c " * 20, 10) == "a b c a b…"
+        assert clip("  short\n", 10) == "short"
+        assert clip("abc", 3) == "abc"
+
+    def test_with_a_request_redactor(self) -> None:
+        client_key = random_key("cl-", 45)
+        out = clip("z" * 40 + client_key, 60, Redactor([client_key]).text)
+        assert out == "z" * 40 + mask(client_key)
+
+
+@pytest.mark.parametrize("name", ["Keep-Alive", "Content-Type", "X-Title", "Accept-Encoding"])
+def test_ordinary_headers_are_not_credentials(name: str) -> None:
+    assert not is_secret_header(name)
 
 
 class TestParsedJson:

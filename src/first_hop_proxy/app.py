@@ -19,6 +19,7 @@ from .log_views import add_log_routes, logging_status
 from .middleware import add_response_headers, front_door
 from .model_list import list_models
 from .redact import masked_url
+from .shutdown import DRAIN, Drain
 from .state import STATE, State, breaker_status, upstream_status, wall_clock
 
 # SillyTavern uses the base URL as typed, so a trailing slash doubles the one before
@@ -90,6 +91,8 @@ def create_app(loaded: LoadedConfig) -> web.Application:
     )
     state = State.build(loaded)
     app[STATE] = state
+    app[DRAIN] = drain = Drain(config.server.shutdown_grace_seconds)
+    app.on_shutdown.append(drain.on_shutdown)
     app.on_response_prepare.append(add_response_headers)
     add_routes(app)
     add_log_routes(app, lambda: (state.request_log, state.error_log))

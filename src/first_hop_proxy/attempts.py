@@ -8,6 +8,7 @@ in the request log (and in the error log when it went wrong).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -15,9 +16,19 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from .breaker import RETRY, Permit
-from .decisions import Action, Decision, Outcome, circuit_open, decide, failure_summary, no_key
+from .decisions import (
+    Action,
+    Decision,
+    History,
+    Outcome,
+    circuit_open,
+    decide,
+    failure_summary,
+    no_key,
+)
 from .exchange import Exchange
 from .keys import Key, Step
+from .redact import clip
 from .request_log import AttemptRecord
 from .routing import Route, failover_cause
 from .upstream import Reply
@@ -47,6 +58,24 @@ def outcome_of(reply: Reply, stream: bool) -> Outcome:
     )
 
 
+async def judge(ex: Exchange, outcome: Outcome, history: History) -> Decision:
+    """The decision core's verdict on ``outcome``, this request's secrets masked in it.
+
+    Patterns that cannot run away keep it on the event loop; otherwise it runs
+    in a worker thread (the ``regex`` module lets go of the GIL while it
+    matches), so a pattern at its time limit never stalls other requests.
+    A rule that ran out of time is logged.
+    """
+    policy = ex.settings.policy
+    call = functools.partial(
+        decide, outcome, history, policy, jitter=random.random(), now=time.time(), mask=ex.mask
+    )
+    decision = await asyncio.to_thread(call) if policy.can_run_away else call()
+    if decision.timeouts:
+        ex.rule_timeouts(list(decision.timeouts))
+    return decision
+
+
 async def attempt_until_decided(ex: Exchange, attempt: Attempt) -> tuple[Decision, Reply | None]:
     """Attempt, ask the decision core, and retry (or move on) while it says so.
 
@@ -60,7 +89,7 @@ async def attempt_until_decided(ex: Exchange, attempt: Attempt) -> tuple[Decisio
     the breaker protects the next requests.
     """
     state, settings = ex.state, ex.settings
-    policy, routing = settings.policy, settings.config.routing
+    routing = settings.config.routing
     model = ex.chat.model if ex.chat is not None else ""
     rotation = state.next_rotation() if routing.strategy == "round_robin" else 0
     route = Route(settings.candidates(model, rotation))
@@ -100,19 +129,17 @@ async def attempt_until_decided(ex: Exchange, attempt: Attempt) -> tuple[Decisio
             ex.key_label = key.label
         began = time.monotonic()
         ex.calls += 1
+        reply: Reply | None = None
         try:
             reply = await attempt(upstream, key)
+            duration = time.monotonic() - began
+            outcome = outcome_of(reply, ex.chat.stream if ex.chat else False)
+            decision = await judge(ex, outcome, ex.history.at(ex.spent()))
         except BaseException:
             breaker.release(time.monotonic(), permit)
+            if reply is not None:
+                reply.close()
             raise
-        duration = time.monotonic() - began
-        decision = decide(
-            outcome_of(reply, ex.chat.stream if ex.chat else False),
-            ex.history.at(ex.spent()),
-            policy,
-            jitter=random.random(),
-            now=time.time(),
-        )
         note_outcome(ex, upstream, permit, decision, duration)
         note_attempt(ex, reply, decision, duration)
         step = pool.record(key, decision, time.time()) if pool and key else Step.STAY
@@ -301,9 +328,8 @@ def note_attempt(ex: Exchange, reply: Reply, decision: Decision, duration: float
 
 def debug_attempt(ex: Exchange, attempt: AttemptRecord, delay: float | None) -> None:
     """``server.debug``: one console line per upstream attempt, secrets masked."""
-    redact = ex.redactor().text
     status = attempt.status if attempt.status is not None else "no response"
-    error = f"; error: {redact(attempt.error)[:DEBUG_TEXT]}" if attempt.error else ""
+    error = f"; error: {clip(attempt.error, DEBUG_TEXT, ex.mask)}" if attempt.error else ""
     log.debug(
         "%s attempt #%d: %s in %.3f s -> %s (%s)%s%s",
         ex.request_id,
@@ -311,7 +337,7 @@ def debug_attempt(ex: Exchange, attempt: AttemptRecord, delay: float | None) -> 
         status,
         attempt.duration or 0.0,
         attempt.action,
-        redact(attempt.reason)[:DEBUG_TEXT],
+        clip(attempt.reason, DEBUG_TEXT, ex.mask),
         f", next in {delay:.2f} s" if delay is not None else "",
         error,
     )

@@ -23,9 +23,10 @@ from .config_file import (
 )
 from .demo import banner
 from .error_log import log_config_error
-from .redact import is_secret_header, masked_url, redact_text
+from .redact import Redactor, is_secret_header, masked_url, redact_text
 from .rewrite import trial
 from .server import RunningServer, event_loop_name, run
+from .state import configured_secrets
 
 log = logging.getLogger("first_hop_proxy")
 
@@ -236,7 +237,7 @@ def serve(path: Path | None, host: str | None, port: int | None, use_uvloop: boo
     # In demo mode (no file anywhere) a config.yaml made in this folder is picked up.
     watched = loaded.path or path or Path(FILE_NAME)
     host, port = loaded.config.server.host, loaded.config.server.port
-    handler = console.setup(loaded.config.server.debug)
+    handler = console.setup(loaded.config.server.debug, Redactor(configured_secrets(loaded.config)))
     try:
         return run_server(
             loaded, host, port, (watched, lambda: load_config(watched, env)), use_uvloop

@@ -29,9 +29,11 @@ from pydantic import (
     field_validator,
 )
 
+from . import safe_yaml
 from .config_file import FILE_NAME, INIT_COMMAND, find_config
 from .dialects import DEFAULT_TITLE_PATTERN
 from .headers import ACCEPT_ENCODING, is_empty_value
+from .patterns import nested_repetition
 from .redact import is_secret_header
 
 StatusCode = Annotated[int, Field(ge=100, le=599)]
@@ -174,6 +176,7 @@ class TargetProxy(KeyPool):
     #: JSON requests sent upstream as streams and assembled: when a CDN cuts a slow reply
     #: (auto), always, or never.
     stream_upstream: StreamUpstream = "auto"
+    max_reply_mb: Positive = 50
 
 
 #: The name of the upstream that ``target_proxy`` alone stands for.
@@ -247,6 +250,7 @@ class RecategorizationRule(PatternRule):
 class StatusRecategorization(Section):
     enabled: bool = True
     rules: list[RecategorizationRule] = Field(default_factory=list)
+    timeout_ms: Positive = 100
 
 
 class JsonExtraction(Section):
@@ -290,6 +294,7 @@ class HardStopRule(PatternRule):
 class HardStopConditions(Section):
     enabled: bool = True
     rules: list[HardStopRule] = Field(default_factory=list)
+    timeout_ms: Positive = 100
 
 
 class EmptyResponse(Section):
@@ -348,6 +353,8 @@ class Server(Section):
     shutdown_grace_seconds: NonNegative = 30
     reload_on_change: bool = True
     uvloop: bool = True
+    client_timeout: Positive = 30
+    max_connections: Annotated[int, Field(ge=1)] = 2048
 
 
 class Logging(Section):
@@ -445,15 +452,21 @@ def load_config(
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"cannot read the file: {exc}"], str(path)) from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_yaml.load(text)
     except yaml.YAMLError as exc:
         raise ConfigError([f"not valid YAML: {_yaml_problem(exc)}"], str(path)) from None
-    if data is None:
+    except safe_yaml.TooNested as exc:
+        raise ConfigError([str(exc)], str(path)) from None
+    empty = data is None
+    if empty:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(["the top level must be a mapping of sections"], str(path))
     loaded = parse_config(data, base_dir=path.resolve().parent, env=env, source=str(path))
-    return replace(loaded, path=path, empty=not data)
+    warnings = loaded.warnings
+    if empty:
+        warnings = [f"{path} is empty: built-in defaults apply", *warnings]
+    return replace(loaded, path=path, empty=empty or not data, warnings=warnings)
 
 
 def parse_config(
@@ -800,9 +813,33 @@ def _semantic_warnings(config: Config) -> list[str]:
             "error_handling.exhausted_429_status: 429 makes SillyTavern retry a request the "
             "proxy already gave up on 5 more times by itself (about 155 s); 503 ends it"
         )
+    warnings += _runaway_warnings(config)
     if eh.base_delay > eh.max_delay:
         warnings.append(
             f"error_handling.base_delay: {eh.base_delay} is above max_delay "
             f"({eh.max_delay}); every retry waits max_delay"
         )
+    return warnings
+
+
+def _runaway_warnings(config: Config) -> list[str]:
+    """Patterns that can take exponential time on a text that almost matches."""
+    eh, rp = config.error_handling, config.response_parsing
+    sections: list[tuple[str, list[PatternRule]]] = [
+        ("regex_replacement", list(config.regex_replacement.rules)),
+        ("response_processing", list(config.response_processing.rules)),
+        ("error_handling.hard_stop_conditions", list(eh.hard_stop_conditions.rules)),
+        ("response_parsing.status_recategorization", list(rp.status_recategorization.rules)),
+    ]
+    warnings: list[str] = []
+    for section, rules in sections:
+        for i, rule in enumerate(rules):
+            if nested_repetition(rule.pattern, getattr(rule, "flags", "")):
+                warnings.append(
+                    f"{section}.rules[{i}].pattern: {rule.pattern!r} repeats a group that itself "
+                    "repeats or has alternatives, which can take exponential time on a text that "
+                    f"almost matches; it runs under {section}.timeout_ms and is skipped for a "
+                    "text when that runs out. Write it without the nesting (e.g. 'x+' rather "
+                    "than '(x|xx)+')"
+                )
     return warnings

@@ -5,34 +5,80 @@ loop means a blocking write to the terminal, and handing each line to a
 thread through a queue wakes that thread per request (measured: a fifth of
 the proxy's time under load). Here records only go into a deque; a thread
 writes whatever has gathered every ``interval`` seconds.
+
+Lines carry what clients and upstreams sent (a model name, an error text), so
+each is made safe for a terminal: control characters are escaped (a newline
+in a value cannot forge a line, an escape sequence cannot drive the terminal)
+and secrets are masked.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import re
 import sys
 import threading
-from typing import TextIO
+from typing import Any, TextIO
+
+from .redact import Redactor
 
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 DATE_FORMAT = "%H:%M:%S"
+# C0 and C1 controls, DEL, and the Unicode line breaks and direction overrides
+# that make a terminal show something other than the text.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# A finished line keeps its own line breaks (a traceback, a multi-line banner).
+_CONTROL_BUT_NEWLINE = re.compile(
+    r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return _SHORT.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 256 else f"\\u{ord(char):04x}")
+
+
+def escape_controls(text: str, *, keep_newlines: bool = False) -> str:
+    """``text`` with control characters written as escapes (``\\n``, ``\\x1b``)."""
+    return (_CONTROL_BUT_NEWLINE if keep_newlines else _CONTROL).sub(_escape, text)
+
+
+def _safe_arg(value: Any) -> Any:
+    """A logging argument with no line break or control character left in it."""
+    if isinstance(value, int | float) or value is None:
+        return value
+    text = value if isinstance(value, str) else str(value)
+    return escape_controls(text) if _CONTROL.search(text) else text
 
 
 class BatchingHandler(logging.Handler):
     """Collects records; a daemon thread formats and writes them in batches."""
 
-    def __init__(self, stream: TextIO | None = None, interval: float = 0.1) -> None:
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        interval: float = 0.1,
+        redactor: Redactor | None = None,
+    ) -> None:
         super().__init__()
         self.stream = stream if stream is not None else sys.stderr
         self.interval = interval
+        self.redactor = redactor or Redactor()
         self._records: collections.deque[logging.LogRecord] = collections.deque()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fhp-console", daemon=True)
         self._thread.start()
 
     def emit(self, record: logging.LogRecord) -> None:
-        # The message is rendered now, while its arguments still mean what they meant.
+        # The message is rendered now, while its arguments still mean what they meant;
+        # a value cannot break the line it is in.
+        args = record.args
+        if isinstance(args, tuple):
+            record.args = tuple(_safe_arg(a) for a in args)
+        elif isinstance(args, dict):
+            record.args = {k: _safe_arg(v) for k, v in args.items()}
         record.message = record.getMessage()
         record.msg, record.args = record.message, None
         self._records.append(record)  # thread-safe, wakes nobody
@@ -47,7 +93,8 @@ class BatchingHandler(logging.Handler):
         while self._records:
             record = self._records.popleft()
             try:
-                lines.append(self.format(record))
+                line = self.redactor.text(self.format(record))
+                lines.append(escape_controls(line, keep_newlines=True))
             except Exception:
                 self.handleError(record)
         if lines:
@@ -65,9 +112,17 @@ class BatchingHandler(logging.Handler):
         super().close()
 
 
-def setup(debug: bool) -> BatchingHandler:
+def mask_with(redactor: Redactor) -> None:
+    """Mask these secrets in every console line from now on (a reloaded config's keys)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, BatchingHandler):
+            handler.redactor = redactor
+
+
+def setup(debug: bool, redactor: Redactor | None = None) -> BatchingHandler:
     """Route the proxy's logging to the console through a :class:`BatchingHandler`.
 
+    ``redactor`` masks the configured secrets (key shapes are always masked).
     Close the returned handler at exit so the last lines are written.
     """
     # Nothing printed uses them, and each costs a lookup on every record made on
@@ -77,7 +132,7 @@ def setup(debug: bool) -> BatchingHandler:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     logging._srcfile = None
-    handler = BatchingHandler()
+    handler = BatchingHandler(redactor=redactor)
     handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]

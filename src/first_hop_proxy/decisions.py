@@ -28,7 +28,7 @@ import html
 import http
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, NamedTuple
 
@@ -38,6 +38,7 @@ import regex  # type: ignore[import-untyped, unused-ignore]
 from first_hop_proxy.backoff import delay_for, retry_after_from_headers
 from first_hop_proxy.config import Config, HardStopRule, RecategorizationRule
 from first_hop_proxy.dialects import Disguised, Title, disguised_error
+from first_hop_proxy.patterns import RuleTimeout, bounded
 from first_hop_proxy.quotas import (
     body_retry_delay,
     daily_quota,
@@ -46,6 +47,7 @@ from first_hop_proxy.quotas import (
     provider_detail,
     unwrap,
 )
+from first_hop_proxy.redact import clip, redact_text
 
 Budget = Literal["retry", "conditional", "empty"]
 ErrorType = Literal[
@@ -59,13 +61,20 @@ ErrorType = Literal[
     "quota_exhausted",
     "no_key",
 ]
-TransportError = Literal["connection_error", "timeout", "cut_short", "invalid_json"]
+TransportError = Literal["connection_error", "timeout", "cut_short", "invalid_json", "too_large"]
 GiveUp = Literal["retries_exhausted", "time_budget", "retry_after_too_long", "no_key"]
 PathPart = str | int
 JsonPath = tuple[PathPart, ...]
+#: Masks secrets in a text before it is cut: a cut through a key leaves a stump no
+#: mask recognizes. The shell passes the request's own (its client's key included).
+Mask = Callable[[str], str]
+HARD_STOP_SECTION: Final = "error_handling.hard_stop_conditions"
+RECATEGORIZATION_SECTION: Final = "response_parsing.status_recategorization"
 
 #: How much of the upstream's own error text is passed on to the person.
 MESSAGE_LIMIT: Final = 300
+#: How much of a reply that is not JSON is quoted in the reason for retrying it.
+SNIPPET_LIMIT: Final = 100
 #: Patterns look at the first this-many characters of each text. Error messages
 #: are short and come first; a long reply must not cost a backtracking pattern
 #: such as ``model.*capacity`` seconds of event-loop time.
@@ -187,7 +196,8 @@ class Decision:
     504 when there was none); ``client_status`` is the status the client should
     get. ``counts_as_failure`` feeds the circuit breaker. ``count`` is the
     number of empty replies in a row (empty_response) or of consecutive
-    failures (circuit_open).
+    failures (circuit_open). ``timeouts``: the hard-stop and recategorization
+    rules that ran out of time and were skipped, for the shell to log.
     """
 
     action: Action
@@ -209,6 +219,7 @@ class Decision:
     count: int = 0
     #: A daily quota said to be used up (its id, or the words that said so).
     quota: str | None = None
+    timeouts: tuple[RuleTimeout, ...] = ()
 
     @property
     def counts_as_success(self) -> bool:
@@ -222,14 +233,29 @@ _FLAGS: Final = regex.IGNORECASE | regex.V0
 
 
 @dataclass(frozen=True, slots=True)
-class _HardStop:
+class _Compiled:
+    """A compiled pattern, its rule's place in the config, and whether it can run away."""
+
     pattern: Any
+    index: int
+    bounded: bool
+
+    def finds(self, text: str, limit: float) -> bool:
+        """Whether the pattern occurs in the first SCAN_LIMIT characters of ``text``.
+
+        Raises TimeoutError when a pattern that can run away takes ``limit`` seconds.
+        """
+        timeout = None if self.bounded else limit
+        return self.pattern.search(text, 0, SCAN_LIMIT, timeout=timeout) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class _HardStop(_Compiled):
     rule: HardStopRule
 
 
 @dataclass(frozen=True, slots=True)
-class _Recategorization:
-    pattern: Any
+class _Recategorization(_Compiled):
     rule: RecategorizationRule
 
 
@@ -263,6 +289,16 @@ class Policy:
     disguise_title: Title | None = None
     #: How long an upstream's daily quota is taken to be out when it does not say.
     quota_cooldown: float = 3600.0
+    hard_stop_timeout: float = 0.1
+    recategorization_timeout: float = 0.1
+
+    @property
+    def can_run_away(self) -> bool:
+        """A hard-stop or recategorization pattern may take up to its time limit:
+        the shell then decides off the event loop."""
+        rules: tuple[_Compiled, ...] = (*self.hard_stops, *self.recategorize_any)
+        rules += tuple(r for group in self.recategorize_by_status.values() for r in group)
+        return not all(r.bounded for r in rules)
 
     @classmethod
     def from_config(cls, config: Config) -> Policy:
@@ -271,14 +307,14 @@ class Policy:
         hard_stops: tuple[_HardStop, ...] = ()
         if eh.hard_stop_conditions.enabled:
             hard_stops = tuple(
-                _HardStop(regex.compile(r.pattern, _FLAGS), r)
-                for r in eh.hard_stop_conditions.rules
+                _HardStop(regex.compile(r.pattern, _FLAGS), i, bounded(r.pattern), r)
+                for i, r in enumerate(eh.hard_stop_conditions.rules)
             )
         recats: list[_Recategorization] = []
         if rp.enabled and rp.status_recategorization.enabled:
             recats = [
-                _Recategorization(regex.compile(r.pattern, _FLAGS), r)
-                for r in rp.status_recategorization.rules
+                _Recategorization(regex.compile(r.pattern, _FLAGS), i, bounded(r.pattern), r)
+                for i, r in enumerate(rp.status_recategorization.rules)
             ]
         statuses = {r.rule.original_status for r in recats}
         by_status = {
@@ -318,6 +354,8 @@ class Policy:
                 Title(disguised.title_pattern) if rp.enabled and disguised.enabled else None
             ),
             quota_cooldown=float(eh.quota_cooldown_seconds),
+            hard_stop_timeout=eh.hard_stop_conditions.timeout_ms / 1000,
+            recategorization_timeout=rp.status_recategorization.timeout_ms / 1000,
         )
 
     def recategorizations_for(self, status: int) -> tuple[_Recategorization, ...]:
@@ -390,28 +428,25 @@ def _parse(text: str) -> Any:
 
 _TITLE: Final = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
 _TAG: Final = re.compile(r"<[^>]+>")
-_SPACE: Final = re.compile(r"\s+")
 
 
-def _trim(text: str) -> str:
-    text = _SPACE.sub(" ", text).strip()
-    if len(text) > MESSAGE_LIMIT:
-        return text[: MESSAGE_LIMIT - 1].rstrip() + "…"
-    return text
+def _trim(text: str, mask: Mask = redact_text, limit: int = MESSAGE_LIMIT) -> str:
+    """Masked first, then cut to ``limit``: the one way an upstream text is shortened."""
+    return clip(text, limit, mask)
 
 
-def _readable(text: str) -> str:
+def _readable(text: str, mask: Mask = redact_text, limit: int = MESSAGE_LIMIT) -> str:
     """Raw body text made fit for a sentence: an HTML error page becomes its title,
     its entities decoded (``&amp;`` reads ``&``)."""
     if text.lstrip().startswith("<"):
         title = _TITLE.search(text)
         text = html.unescape(title.group(1) if title else _TAG.sub(" ", text))
-    return _trim(text)
+    return _trim(text, mask, limit)
 
 
-def upstream_message(doc: Any, text: str) -> str:
+def upstream_message(doc: Any, text: str, mask: Mask = redact_text) -> str:
     """The upstream's own explanation: ``error.message`` (or a similar field),
-    else the body text, trimmed to about 300 characters."""
+    else the body text, masked and then trimmed to about 300 characters."""
     if isinstance(doc, dict):
         error = doc.get("error")
         if isinstance(error, dict):
@@ -420,14 +455,14 @@ def upstream_message(doc: Any, text: str) -> str:
                 detail = provider_detail(doc)  # OpenRouter: the provider's own words
                 if detail and detail not in message:
                     message = f"{message.rstrip('. ')} ({detail})"
-                return _trim(message)
+                return _trim(message, mask)
         elif isinstance(error, str) and error.strip():
-            return _trim(error)
+            return _trim(error, mask)
         for key in ("message", "detail", "proxy_note"):
             value = doc.get(key)
             if isinstance(value, str) and value.strip():
-                return _trim(value)
-    return _readable(text)
+                return _trim(value, mask)
+    return _readable(text, mask)
 
 
 def _embedded_status(doc: Any) -> int:
@@ -524,24 +559,34 @@ class _Judge:
         "doc",
         "history",
         "jitter",
+        "mask",
         "now",
         "outcome",
         "policy",
         "recategorized",
         "retry_after",
+        "timeouts",
     )
 
     def __init__(
-        self, outcome: Outcome, history: History, policy: Policy, jitter: float, now: float | None
+        self,
+        outcome: Outcome,
+        history: History,
+        policy: Policy,
+        jitter: float,
+        now: float | None,
+        mask: Mask,
     ) -> None:
         self.outcome = outcome
         self.history = history
         self.policy = policy
         self.jitter = jitter
         self.now = now
+        self.mask = mask
         self.recategorized: Recategorized | None = None
         self.retry_after: float | None = None
         self.disguise: Disguised | None = None
+        self.timeouts: list[RuleTimeout] = []
         self.doc = outcome.json if outcome.json is not UNPARSED else self._parse_document()
 
     def _parse_document(self) -> Any:
@@ -559,15 +604,15 @@ class _Judge:
         body, or (when the attempt broke down) the transport's own message."""
         o = self.outcome
         if self.disguise is not None:
-            return _trim(self.disguise.text)
+            return _trim(self.disguise.text, self.mask)
         if o.stream and o.stream_error_event is not None:
-            return upstream_message(self.doc, o.stream_error_event)
+            return upstream_message(self.doc, o.stream_error_event, self.mask)
         broken = o.transport_error is not None and (o.status is None or 200 <= o.status < 300)
         if broken and o.transport_message.strip():
-            return _trim(o.transport_message)
+            return _trim(o.transport_message, self.mask)
         if o.body.strip():
-            return upstream_message(self.doc, o.body)
-        return _trim(o.transport_message)
+            return upstream_message(self.doc, o.body, self.mask)
+        return _trim(o.transport_message, self.mask)
 
     def make(
         self, action: Action, reason: str, status: int, error_type: ErrorType | None, **kw: Any
@@ -575,6 +620,8 @@ class _Judge:
         if action is not Action.DELIVER and "upstream_message" not in kw:
             kw["upstream_message"] = self.message()
         kw.setdefault("retry_after", self.retry_after)
+        if self.timeouts:
+            kw["timeouts"] = tuple(self.timeouts)
         return Decision(
             action=action,
             reason=reason,
@@ -593,18 +640,19 @@ class _Judge:
         texts = [o.body]
         if o.stream_error_event is not None:
             texts.insert(0, o.stream_error_event)
+        limit = self.policy.hard_stop_timeout
         for stop in self.policy.hard_stops:
-            for text in texts:
-                if text and stop.pattern.search(text, 0, SCAN_LIMIT) is not None:
-                    status = o.status if o.status is not None and o.status >= 400 else 502
-                    return self.make(
-                        Action.HARD_STOP,
-                        f"hard-stop rule {stop.rule.pattern!r} matched; not retrying",
-                        status,
-                        "hard_stop_error",
-                        hard_stop_rule=stop.rule,
-                        original_response=text,
-                    )
+            text = self.first_found(stop, texts, limit, HARD_STOP_SECTION, stop.rule.description)
+            if text is not None:
+                status = o.status if o.status is not None and o.status >= 400 else 502
+                return self.make(
+                    Action.HARD_STOP,
+                    f"hard-stop rule {stop.rule.pattern!r} matched; not retrying",
+                    status,
+                    "hard_stop_error",
+                    hard_stop_rule=stop.rule,
+                    original_response=text,
+                )
         return None
 
     # rule 3
@@ -613,13 +661,26 @@ class _Judge:
         if not rules:
             return status
         texts = self._texts()
+        limit = self.policy.recategorization_timeout
         for recat in rules:
-            for text in texts:
-                if recat.pattern.search(text, 0, SCAN_LIMIT) is not None:
-                    rule = recat.rule
-                    self.recategorized = Recategorized(status, rule.new_status, rule.pattern)
-                    return rule.new_status
+            rule = recat.rule
+            if self.first_found(recat, texts, limit, RECATEGORIZATION_SECTION, rule.description):
+                self.recategorized = Recategorized(status, rule.new_status, rule.pattern)
+                return rule.new_status
         return status
+
+    def first_found(
+        self, compiled: _Compiled, texts: list[str], limit: float, section: str, about: str
+    ) -> str | None:
+        """The first of ``texts`` the pattern occurs in. A pattern that runs out of
+        time is skipped for this outcome and named in :attr:`Decision.timeouts`."""
+        try:
+            for text in texts:
+                if text and compiled.finds(text, limit):
+                    return text
+        except TimeoutError:
+            self.timeouts.append(RuleTimeout(section, compiled.index, about, None))
+        return None
 
     def _texts(self) -> list[str]:
         """Where recategorization patterns look: the configured JSON paths, then
@@ -867,7 +928,7 @@ class _Judge:
         doc = self.doc
         if doc is _NOT_JSON:
             if o.body.strip():
-                snippet = _readable(o.body)[:100]
+                snippet = _readable(o.body, self.mask, SNIPPET_LIMIT)
                 return self.transport_as(
                     "invalid_json", f"the reply body is not valid JSON: {snippet}"
                 )
@@ -891,12 +952,15 @@ def decide(
     *,
     jitter: float = 0.5,
     now: float | None = None,
+    mask: Mask = redact_text,
 ) -> Decision:
     """Judge one upstream attempt: deliver it, retry, stop, fail or abandon.
 
     ``jitter`` in [0, 1) spreads the backoff delay (0.5: exact); ``now`` is the
     wall clock (Unix time) for an HTTP-date ``Retry-After``; without it such a
-    header is ignored. Pure: same inputs, same decision.
+    header is ignored. ``mask`` masks this request's secrets in every upstream
+    text before it is cut. Pure: same inputs, same decision (except that a
+    pattern running past its time limit is skipped, and named in the decision).
     """
     if outcome.client_gone:
         status = outcome.status if outcome.status is not None else CLIENT_CLOSED
@@ -907,7 +971,7 @@ def decide(
             client_status=CLIENT_CLOSED,
             upstream_status=outcome.status,
         )
-    return _Judge(outcome, history, policy, jitter, now).run()
+    return _Judge(outcome, history, policy, jitter, now, mask).run()
 
 
 def circuit_open(retry_in: float, failures: int, last_message: str = "") -> Decision:

@@ -152,7 +152,7 @@ def disguised_error(
         name = finish.strip() if titled and isinstance(finish, str) else ""
         name = name or (headers or {}).get(ERROR_HEADER, "").strip() or "Proxy error"
         body = text
-    return Disguised(status_of(name), name[:200], message_of(body))
+    return Disguised(status_of(name), name, message_of(body))  # cut once masked
 
 
 def status_of(title: str) -> int:

@@ -15,9 +15,9 @@ from .decisions import Decision, History, error_body
 from .error_log import ErrorEvent
 from .headers import add_configured
 from .keys import Key
+from .patterns import RuleTimeout
 from .redact import Redactor, header_secrets
 from .request_log import RequestRecord
-from .rewrite import RuleTimeout
 from .state import Settings, State
 from .upstreams import Upstream
 
@@ -96,6 +96,8 @@ class Exchange:
     #: The status the request really ended with, when the client was already sent
     #: another (a stream committed with 200 that then ended with an error event).
     ended_status: int | None = None
+    response: web.StreamResponse | None = None  # a stream's response, once committed
+    _redactor: Redactor | None = None
 
     @property
     def request_id(self) -> str:
@@ -113,7 +115,13 @@ class Exchange:
 
     def redactor(self) -> Redactor:
         """The proxy's redactor, also masking the key this client sent."""
-        return self.settings.redactor.with_secrets(self.client_secrets())
+        if self._redactor is None:
+            self._redactor = self.settings.redactor.with_secrets(self.client_secrets())
+        return self._redactor
+
+    def mask(self, text: str) -> str:
+        """``text`` with every secret this request knows of masked."""
+        return self.redactor().text(text)
 
     def rule_timeouts(self, timeouts: list[RuleTimeout]) -> None:
         """Rewrite rules that ran out of time: a console warning and an error log each."""

@@ -22,13 +22,18 @@ from .errors import error_response
 from .exchange import ChatRequest, Exchange, failure_response
 from .headers import client_headers, forwardable
 from .keys import Key
+from .redact import clip
 from .request_log import RequestRecord
+from .shutdown import DRAIN, end_reply
 from .state import REQUEST_ID, STATE
 from .streaming import relay_stream
-from .upstream import Reply, fetch, fetch_assembled
+from .upstream import MB, Reply, fetch, fetch_assembled
 from .upstreams import Upstream
 
 log = logging.getLogger("first_hop_proxy")
+
+#: Characters of the client's model name shown on the console.
+MODEL_LIMIT = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,30 +90,41 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         headers=request.headers,
     )
     ex = Exchange(state, state.settings, request, record)
+    drain = request.app[DRAIN]
     status = 500
+    drain.enter(ex)
     try:
-        response = await handle(ex)
+        response = await (end_reply(ex) if drain.stopping else handle(ex))
         status = response.status
         return response
     except web.HTTPException as exc:  # e.g. 413 from reading a body over max_body_mb
         status = exc.status
         raise
     except asyncio.CancelledError:
-        status = 499
-        ex.outcome_note = "client went away"
-        raise
+        if not drain.ended(ex):
+            status = 499
+            ex.outcome_note = "client went away"
+            raise
+        # Ended by the shutdown, not by the client: it gets its last words.
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        response = await end_reply(ex)
+        status = response.status
+        return response
     finally:
+        drain.leave(ex)
         finish(ex, status)
 
 
 async def handle(ex: Exchange) -> web.StreamResponse:
-    body = await ex.request.read()
+    body = await read_body(ex)
+    if body is None:
+        return too_slow(ex)
     ex.record.body = body
     chat = parse_chat_request(body, ex)
     if isinstance(chat, BadRequest):
-        ex.outcome_note = "bad request"
-        ex.error_event("bad_request", "BadRequest", chat.message, status_code=400)
-        return error_response(400, chat.message, "invalid_request_error", chat.code)
+        return bad_request(ex, chat)
     ex.chat = chat
     ex.record.model, ex.record.stream = chat.model, chat.stream
     upstreams = ex.settings.upstreams
@@ -121,7 +137,9 @@ async def handle(ex: Exchange) -> web.StreamResponse:
         ex.outcome_note = "no upstream serves the model"
         ex.error_event("model_not_served", "ModelNotServed", message, status_code=404)
         return error_response(404, message, "invalid_request_error", "model_not_served")
-    await rewrite_request(ex, chat)
+    problem = await rewrite_request(ex, chat)
+    if problem is not None:
+        return bad_request(ex, problem)
     if ex.settings.config.server.debug:
         redactor = ex.redactor()
         log.debug(
@@ -136,16 +154,57 @@ async def handle(ex: Exchange) -> web.StreamResponse:
     return await relay_json(ex, chat)
 
 
-async def rewrite_request(ex: Exchange, chat: ChatRequest) -> None:
+async def read_body(ex: Exchange) -> bytes | None:
+    """The request body, or None when it takes longer than ``server.client_timeout``."""
+    request = ex.request
+    if request.content.is_eof():  # all of it has arrived: nothing to time
+        return await request.read()
+    try:
+        async with asyncio.timeout(ex.state.config.server.client_timeout):
+            return await request.read()
+    except TimeoutError:
+        return None
+
+
+def too_slow(ex: Exchange) -> web.Response:
+    """A 408 for a body that did not arrive in time; the connection is closed."""
+    seconds = ex.state.config.server.client_timeout
+    message = (
+        f"The request body did not arrive within server.client_timeout ({seconds:g} s). "
+        "The connection is closed."
+    )
+    ex.outcome_note = "request body too slow"
+    ex.error_event("request_timeout", "RequestTimeout", message, status_code=408)
+    response = error_response(408, message, "invalid_request_error", "request_timeout")
+    response.force_close()
+    return response
+
+
+def bad_request(ex: Exchange, problem: BadRequest) -> web.Response:
+    ex.outcome_note = "bad request"
+    ex.error_event("bad_request", "BadRequest", problem.message, status_code=400)
+    return error_response(400, problem.message, "invalid_request_error", problem.code)
+
+
+async def rewrite_request(ex: Exchange, chat: ChatRequest) -> BadRequest | None:
     rewriter = ex.settings.rewriter
     if not rewriter.has_request_rules:
-        return
+        return None
     result = await rewriter.rewrite_messages_async(chat.payload, len(chat.body))
     ex.rule_timeouts(result.timeouts)
     if result.changed:
+        try:
+            body = orjson.dumps(chat.payload)
+        except orjson.JSONEncodeError:  # orjson encodes at most 255 levels
+            return BadRequest(
+                "The request body nests more than 255 levels deep, so the proxy cannot "
+                "encode it again after its regex_replacement rules changed a message. "
+                "Send a flatter body.",
+                "body_too_deep",
+            )
         ex.record.original_body = chat.body
-        chat.body = orjson.dumps(chat.payload)
-        ex.record.body = chat.body
+        chat.body = ex.record.body = body
+    return None
 
 
 def finish(ex: Exchange, status: int) -> None:
@@ -165,7 +224,7 @@ def finish(ex: Exchange, status: int) -> None:
     log.info(
         "%s %s %s -> %s%s, %d attempt%s, %.2f s%s",
         ex.request_id,
-        (chat.model or "-") if chat else "-",
+        clip(chat.model, MODEL_LIMIT, ex.mask) or "-" if chat else "-",
         "stream" if chat and chat.stream else "json",
         status,
         via,
@@ -178,13 +237,14 @@ def finish(ex: Exchange, status: int) -> None:
 
 async def relay_json(ex: Exchange, chat: ChatRequest) -> web.StreamResponse:
     session, rewriter = ex.state.session, ex.settings.rewriter
+    max_bytes = int(ex.settings.config.target_proxy.max_reply_mb * MB)
 
     def attempt(upstream: Upstream, key: Key | None) -> Awaitable[Reply]:
         if upstream.streams_json(chat.model):  # stream_upstream: assembled into one reply
             body, headers = chat.for_upstream(upstream, key, as_stream=True)
-            return fetch_assembled(session, upstream, body, headers)
+            return fetch_assembled(session, upstream, body, headers, max_bytes)
         body, headers = chat.for_upstream(upstream, key)
-        return fetch(session, upstream, body, headers)
+        return fetch(session, upstream, body, headers, max_bytes)
 
     decision, reply = await attempt_until_decided(ex, attempt)
     if decision.action is not Action.DELIVER or reply is None or reply.status is None:

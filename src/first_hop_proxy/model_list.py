@@ -93,8 +93,12 @@ async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
     upstreams = state.settings.upstreams
     asked = [u for u in upstreams if u.available()] or list(upstreams)
-    auth = request.headers.get("Authorization", "")
-    answers = await asyncio.gather(*(fetch_list(state.session, u, auth) for u in asked))
+    answers: list[tuple[bytes | None, str]]
+    if request.method == "HEAD":  # a probe: answered from what is known, no upstream call
+        answers = [(u.last_models, "cache") for u in asked]
+    else:
+        auth = request.headers.get("Authorization", "")
+        answers = await asyncio.gather(*(fetch_list(state.session, u, auth) for u in asked))
     if len(asked) == 1 and not asked[0].model_map and asked[0].patterns is None:
         raw, source = answers[0]
         if raw is not None:  # one plain upstream: its list exactly as it sent it

@@ -8,10 +8,10 @@ enough of a key to tell two keys apart (``sk-…wxyz``), never enough to use it.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import regex  # type: ignore[import-untyped,unused-ignore]
 
@@ -23,6 +23,9 @@ SHORT = "***"
 MIN_MASKED_LENGTH = 12
 MIN_KNOWN_SECRET = 8
 MAX_VISIBLE = 7
+#: The shortest start of a known secret masked when a text ends with it: what a
+#: cut through the key would leave behind.
+MIN_STUMP = 6
 
 SECRET_HEADERS = frozenset(
     {
@@ -36,7 +39,17 @@ SECRET_HEADERS = frozenset(
     }
 )
 # Any header whose name has one of these in it is taken to carry a credential.
-_SECRET_HEADER_WORDS = ("key", "auth", "token", "secret", "password", "session", "cookie")
+_SECRET_HEADER_WORDS = (
+    "key",
+    "auth",
+    "token",
+    "secret",
+    "pass",
+    "session",
+    "cookie",
+    "credential",
+    "signature",
+)
 _AUTH_SCHEMES = frozenset({"bearer", "basic", "token", "digest"})
 #: What clients send when they hold no key (SillyTavern: ``Bearer undefined``): never a secret,
 #: and masking the word would garble every prompt and error message that uses it.
@@ -194,6 +207,12 @@ _HINT_GROUPS = _hint_groups(_HINTS)
 # Characters JSON may write as escapes: a secret holding one cannot be found in raw JSON.
 _ESCAPABLE = frozenset('"\\/') | frozenset(map(chr, range(32)))
 _DATA_URL_RE: Any = regex.compile(r"data:[\w.+-]+/[\w.+-]+;base64,[A-Za-z0-9+/=\s]*\Z")
+# A key's leading words, such as "sk-", "sk-proj-" or "sk-ant-api03-": an upstream may
+# echo the key without them.
+_PREFIX_WORD: Any = regex.compile(r"[A-Za-z][A-Za-z0-9]{0,7}[-_]")
+# What may follow the stump of a cut key at the end of a text.
+_AFTER_CUT = " \t\r\n" + ELLIPSIS + ".\"')]}"
+_SPACE: Any = regex.compile(r"\s+")
 
 
 def mask(secret: str) -> str:
@@ -248,6 +267,32 @@ def is_placeholder(value: str) -> bool:
     return credential(value).lower() in PLACEHOLDERS
 
 
+def url_secrets(url: str) -> list[str]:
+    """The values of key-like query parameters and the password in ``url``."""
+    try:
+        parts = urlsplit(url)
+        found = [v for k, v in parse_qsl(parts.query) if is_secret_header(k)]
+        password = parts.password
+    except ValueError:
+        return []
+    return [*found, password] if password else found
+
+
+def _bodies(secret: str) -> Iterator[str]:
+    """``secret``, and what is left of it without its leading words (``sk-``, ``proj-``...)."""
+    yield secret
+    rest = secret
+    for _ in range(3):
+        word = _PREFIX_WORD.match(rest)
+        if word is None:
+            break
+        rest = rest[word.end() :]
+        if len(rest) >= MIN_MASKED_LENGTH:
+            yield rest
+    if secret.startswith("AIza") and len(secret) - 4 >= MIN_MASKED_LENGTH:
+        yield secret[4:]
+
+
 def header_secrets(headers: Headers) -> list[str]:
     """The credential values in ``headers`` (scheme word removed), to mask wherever they occur.
 
@@ -274,20 +319,30 @@ class Redactor:
     """Masks key-shaped strings, plus ``extra_secrets`` known exactly wherever they appear.
 
     Known secrets (the configured upstream key, the client's key) are masked even
-    when they do not look like keys. Instances are immutable and thread-safe.
+    when they do not look like keys, and so is each one's body without its
+    ``sk-``-style prefix. Instances are immutable and thread-safe.
     """
 
     def __init__(self, extra_secrets: Iterable[str] = ()) -> None:
-        known = {s.strip() for s in extra_secrets if s and len(s.strip()) >= MIN_KNOWN_SECRET}
-        # Longest first, so a secret containing another is replaced whole.
-        self._known: tuple[str, ...] = tuple(sorted(known, key=len, reverse=True))
+        secrets = {s.strip() for s in extra_secrets if s and len(s.strip()) >= MIN_KNOWN_SECRET}
+        self._secrets = tuple(secrets)
+        known: dict[str, str] = {}
+        for secret in sorted(secrets):
+            stand_in = mask(secret)
+            for needle in _bodies(secret):
+                known.setdefault(needle, stand_in)
+        # (text to find, what replaces it), longest first: a secret containing
+        # another is replaced whole. A body stands for its whole key.
+        self._known: tuple[tuple[str, str], ...] = tuple(
+            sorted(known.items(), key=lambda item: len(item[0]), reverse=True)
+        )
 
     def with_secrets(self, extra_secrets: Iterable[str]) -> Redactor:
         """A redactor that also masks ``extra_secrets``."""
         extra = [s for s in extra_secrets if s]
         if not extra:
             return self
-        return Redactor([*self._known, *extra])
+        return Redactor([*self._secrets, *extra])
 
     def text(self, text: str) -> str:
         """Mask known secrets and key-shaped strings anywhere in ``text``."""
@@ -320,7 +375,9 @@ class Redactor:
         """
         if b"\\u" in raw and _has_unicode_escape(raw):
             return self.obj(parsed)  # an escape could spell a hint the raw text does not show
-        known = tuple(s for s in self._known if _ESCAPABLE.intersection(s) or s.encode() in raw)
+        known = tuple(
+            k for k in self._known if _ESCAPABLE.intersection(k[0]) or k[0].encode() in raw
+        )
         lowered = raw.lower()
         hints = tuple(
             hint
@@ -332,7 +389,7 @@ class Redactor:
             return parsed
         return self._obj(parsed, known, hints)
 
-    def _obj(self, obj: Any, known: tuple[str, ...], hints: tuple[str, ...]) -> Any:
+    def _obj(self, obj: Any, known: _Known, hints: tuple[str, ...]) -> Any:
         kind = type(obj)
         if kind is str:
             return self._string(obj, known, hints)
@@ -352,7 +409,7 @@ class Redactor:
             return self._string(str(obj), known, hints)
         return obj
 
-    def _string(self, value: str, known: tuple[str, ...], hints: tuple[str, ...]) -> str:
+    def _string(self, value: str, known: _Known, hints: tuple[str, ...]) -> str:
         # Inline images are large and cannot hold a key-shaped string ('-' is not
         # base64), so only the cheap known-secret check runs over them.
         if len(value) > 4096 and value.startswith("data:") and _DATA_URL_RE.match(value):
@@ -360,10 +417,12 @@ class Redactor:
         return self._text(value, known, hints)
 
     @staticmethod
-    def _text(text: str, known: tuple[str, ...], hints: tuple[str, ...]) -> str:
-        for secret in known:
+    def _text(text: str, known: _Known, hints: tuple[str, ...]) -> str:
+        for secret, stand_in in known:
             if secret in text:
-                text = text.replace(secret, mask(secret))
+                text = text.replace(secret, stand_in)
+        if known:
+            text = _mask_stump(text, known)
         for hint in hints:
             if hint in text:
                 break
@@ -377,6 +436,27 @@ class Redactor:
         return text
 
 
+_Known = tuple[tuple[str, str], ...]
+
+
+def _mask_stump(text: str, known: _Known) -> str:
+    """``text`` with the start of a known secret masked where it ends the text.
+
+    A safeguard: every text is masked before it is cut, but a cut made before
+    masking would leave ``sk-TESTSECRET12`` that neither the exact secret nor a
+    key shape recognizes.
+    """
+    core = text.rstrip(_AFTER_CUT)
+    for secret, stand_in in known:
+        head = secret[:MIN_STUMP]
+        at = core.find(head, max(0, len(core) - len(secret) + 1))
+        while at != -1:
+            if secret.startswith(core[at:]):
+                return core[:at] + stand_in + text[len(core) :]
+            at = core.find(head, at + 1)
+    return text
+
+
 def _has_unicode_escape(raw: bytes) -> bool:
     """Whether the JSON text ``raw`` holds a ``\\uXXXX`` escape.
 
@@ -388,7 +468,7 @@ def _has_unicode_escape(raw: bytes) -> bool:
     return b"\\u" in raw.replace(b"\\\\", b"")
 
 
-def _clean(obj: Any, known: tuple[str, ...], hints: tuple[str, ...]) -> bool:
+def _clean(obj: Any, known: _Known, hints: tuple[str, ...]) -> bool:
     """True when masking would leave ``obj`` as it is: no secret-named field holds a
     string, and no string holds a known secret or a hint (inline images: a known
     secret), as :meth:`Redactor._obj` would look for them.
@@ -399,7 +479,7 @@ def _clean(obj: Any, known: tuple[str, ...], hints: tuple[str, ...]) -> bool:
     if kind is str:
         if len(obj) > 4096 and obj.startswith("data:") and _DATA_URL_RE.match(obj):
             hints = ()
-        for needle in known:
+        for needle, _ in known:
             if needle in obj:
                 return False
         for needle in hints:  # noqa: SIM110 (plain loops: a generator costs more here)
@@ -476,3 +556,15 @@ def redact_headers(headers: Headers) -> dict[str, str]:
 def redact_obj(obj: Any) -> Any:
     """A JSON-like structure with secret fields and key-shaped strings masked."""
     return _PLAIN.obj(obj)
+
+
+def clip(text: str, limit: int, mask_secrets: Callable[[str], str] = redact_text) -> str:
+    """Mask first, cut after: ``text`` masked, on one line, at most ``limit`` characters.
+
+    The one way a text is shortened for an error body, a log or the console:
+    cutting first could leave a stump of a key that no masking recognizes.
+    """
+    text = _SPACE.sub(" ", mask_secrets(text)).strip()
+    if len(text) > limit:
+        return text[: limit - 1].rstrip() + ELLIPSIS
+    return text

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from . import console
 from .config import ConfigError, LoadedConfig
 from .error_log import ErrorEvent
 from .redact import redact_text
@@ -29,7 +30,14 @@ log = logging.getLogger("first_hop_proxy")
 #: long, in milliseconds, after the last change before reading the file.
 DEBOUNCE_MS = 300
 #: Server settings that only a restart can change (the socket and the app exist).
-RESTART_KEYS = ("host", "port", "max_body_mb", "shutdown_grace_seconds")
+RESTART_KEYS = (
+    "host",
+    "port",
+    "max_body_mb",
+    "shutdown_grace_seconds",
+    "client_timeout",
+    "max_connections",
+)
 
 
 class Reloader:
@@ -76,6 +84,7 @@ class Reloader:
                     new,
                 )
         self.state.settings = Settings.build(loaded, self.state.writer, previous)
+        console.mask_with(self.state.settings.redactor)  # the new config's keys, too
         logging.getLogger().setLevel(logging.DEBUG if loaded.config.server.debug else logging.INFO)
         self.reloads += 1
         for warning in loaded.warnings:

@@ -312,14 +312,15 @@ def _header_lines(headers: Headers, redactor: Redactor) -> list[str]:
 
 
 def _body_text(body: bytes, redactor: Redactor) -> str:
+    """The body pretty-printed and masked; as sent (masked) when it is not JSON,
+    or nests too deeply to walk or to re-encode: a client cannot avoid its log."""
     if not body:
         return "(empty)"
     try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
+        redacted = redactor.parsed_json(body, orjson.loads(body))
+        return orjson.dumps(redacted, option=orjson.OPT_INDENT_2).decode("utf-8")
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError, RecursionError):
         return redactor.text(body.decode("utf-8", errors="replace"))
-    redacted = redactor.parsed_json(body, parsed)
-    return orjson.dumps(redacted, option=orjson.OPT_INDENT_2).decode("utf-8")
 
 
 def _attempt_lines(attempt: AttemptRecord, redactor: Redactor) -> list[str]:

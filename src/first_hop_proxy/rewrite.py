@@ -47,6 +47,10 @@ import orjson
 import regex  # type: ignore[import-untyped, unused-ignore]
 
 from .config import ROLES, Config, MessageRule, RewriteRule, compile_flags, template_problem
+from .patterns import VERBOSE as _VERBOSE
+from .patterns import RuleTimeout
+from .patterns import bounded as _bounded
+from .patterns import class_end as _class_end
 
 REQUEST_SECTION = "regex_replacement"
 RESPONSE_SECTION = "response_processing"
@@ -58,21 +62,6 @@ _ASSERTION_ESCAPES = frozenset("AZbB")
 _UNSURE_ESCAPES = frozenset("GKmMz")
 _LOOKAROUNDS = ("(?=", "(?!", "(?<=", "(?<!")
 _QUANTIFIERS = frozenset("*+?{")
-
-
-@dataclass(frozen=True, slots=True)
-class RuleTimeout:
-    """A rule ran out of time on one text and was skipped for it."""
-
-    section: str
-    index: int
-    description: str
-    role: str | None
-
-    def __str__(self) -> str:
-        where = f" on a {self.role} message" if self.role else ""
-        about = f" ({self.description})" if self.description else ""
-        return f"{self.section}.rules[{self.index}]{about} timed out{where}; skipped"
 
 
 @dataclass(slots=True)
@@ -119,58 +108,6 @@ class _Rule:
     # For a pattern that matches only the empty string, everywhere (``|``): the
     # text it inserts at every position, so the rule runs as one str.join.
     everywhere: str | None
-
-
-#: How many ``|`` a pattern without repetition may hold and still count as bounded.
-MAX_BOUNDED_BRANCHES = 4
-_VERBOSE = regex.compile(r"\(\?[a-zA-Z^-]*x")
-
-
-def _bounded(pattern: str, flags: str) -> bool:
-    """Whether every match attempt of ``pattern`` costs at most a few passes over it.
-
-    Without repetition or backreferences, backtracking can only try the
-    alternatives of each ``|`` (at most 2 ** branches ways), so a rule is
-    linear in the text and cannot run away. Unsure syntax counts as unbounded.
-    """
-    if "x" in flags or _VERBOSE.search(pattern):
-        return False  # a comment could hide a "[" that misleads the scan below
-    branches = 0
-    opened = False  # the previous token is an unescaped "(": a "?" now starts group syntax
-    i = 0
-    while i < len(pattern):
-        ch = pattern[i]
-        if ch == "\\":
-            nxt = pattern[i + 1 : i + 2]
-            if (nxt.isdigit() and nxt != "0") or nxt in ("g", "k"):
-                return False  # a backreference
-            i, opened = i + 2, False
-            continue
-        if ch == "[":
-            i, opened = _class_end(pattern, i), False
-            continue
-        if ch in "*+{" or (ch == "?" and not opened):
-            return False  # repetition
-        if ch == "?":
-            kind = pattern[i + 1 : i + 3]
-            if kind[:1] in ("(", "R", "&", "|") or kind[:1].isdigit() or kind in ("P=", "P>"):
-                return False  # conditionals, recursion, branch reset, named backreferences
-        branches += ch == "|"
-        opened = ch == "("
-        i += 1
-    return branches <= MAX_BOUNDED_BRANCHES
-
-
-def _class_end(pattern: str, i: int) -> int:
-    """The index just past the character class that starts at ``pattern[i]``."""
-    j = i + 1
-    if pattern[j : j + 1] == "^":
-        j += 1
-    if pattern[j : j + 1] == "]":
-        j += 1
-    while j < len(pattern) and pattern[j] != "]":
-        j += 2 if pattern[j] == "\\" else 1
-    return j + 1
 
 
 def _everywhere(pattern: regex.Pattern[str], source: str, template: str) -> str | None:

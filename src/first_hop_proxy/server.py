@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,9 +15,13 @@ from aiohttp import web
 
 from .app import create_app
 from .config import LoadedConfig
+from .connections import ConnectionLimits, GuardedRunner, connection_cap, open_files_limit
 from .demo import DEMO_PATH
 from .reload import Reloader
+from .shutdown import DRAIN, ENDING_SECONDS
 from .state import STATE
+
+log = logging.getLogger("first_hop_proxy")
 
 # A burst of hundreds of SillyTavern connections must not overflow the listen queue.
 BACKLOG = 4096
@@ -75,6 +80,10 @@ class RunningServer:
         """Stop accepting, let in-flight requests finish (up to the grace time), close."""
         await self.runner.cleanup()
 
+    def hurry(self) -> None:
+        """While closing: end the requests in progress now instead of after the grace."""
+        self.runner.app[DRAIN].hurry()
+
 
 async def start(
     loaded: LoadedConfig, host: str | None = None, port: int | None = None
@@ -84,10 +93,22 @@ async def start(
     host = host or server.host
     port = server.port if port is None else port
     app = create_app(loaded)
-    runner = web.AppRunner(
+    cap = connection_cap(server.max_connections, open_files_limit())
+    if cap < server.max_connections:
+        log.warning(
+            "server.max_connections: %d lowered to %d, as this system lets the proxy open "
+            "only %s files (ulimit -n)",
+            server.max_connections,
+            cap,
+            open_files_limit(),
+        )
+    runner = GuardedRunner(
         app,
+        ConnectionLimits(server.client_timeout, cap),
         handler_cancellation=True,  # a client that leaves cancels its upstream request at once
-        shutdown_timeout=server.shutdown_grace_seconds,
+        # The grace is spent waiting for chat requests (shutdown.Drain); what is left
+        # after that (a /models call) gets this much more.
+        shutdown_timeout=ENDING_SECONDS,
         access_log=None,
     )
     await runner.setup()
@@ -112,7 +133,8 @@ async def serve_forever(
     on_ready: object = None,
     reload: tuple[Path, Callable[[], LoadedConfig]] | None = None,
 ) -> None:
-    """Serve until SIGINT or SIGTERM, then shut down gracefully.
+    """Serve until SIGINT or SIGTERM, then shut down gracefully; a second signal
+    ends the requests still in progress at once.
 
     ``reload``: the config file to watch and how to load it; it is loaded
     again when it changes (``server.reload_on_change``) and on SIGHUP.
@@ -123,11 +145,17 @@ async def serve_forever(
         on_ready(running)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            running.hurry()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         except (NotImplementedError, RuntimeError):  # Windows
-            signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop.set))
+            signal.signal(sig, lambda *_: loop.call_soon_threadsafe(on_signal))
     watcher: asyncio.Task[None] | None = None
     if reload is not None:
         reloader = Reloader(running.runner.app[STATE], *reload)

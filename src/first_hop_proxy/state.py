@@ -26,7 +26,7 @@ from .decisions import Policy
 from .error_log import ErrorEvent, ErrorLog
 from .guard import Guard
 from .headers import ACCEPT_ENCODING
-from .redact import Redactor, header_secrets, masked_url
+from .redact import Redactor, header_secrets, masked_url, url_secrets
 from .request_log import RequestLog
 from .rewrite import Rewriter
 from .routing import start_order
@@ -34,6 +34,18 @@ from .upstreams import Upstream, build_upstreams
 from .writer import LogWriter
 
 log = logging.getLogger("first_hop_proxy")
+
+
+def configured_secrets(config: Config) -> list[str]:
+    """The keys in the config: key pools, credential headers, key-like values in the URLs."""
+    target = config.target_proxy
+    places = [(u.keys, u.headers, u.url) for u in config.upstreams]
+    places.append((target.keys, target.headers, target.url))
+    return [
+        secret
+        for keys, headers, url in places
+        for secret in (*keys, *header_secrets(headers), *url_secrets(url))
+    ]
 
 
 @dataclass(eq=False)
@@ -78,8 +90,7 @@ class Settings:
         if loaded.demo:  # the built-in demo upstream; the server sets its URL when it listens
             demo_url = previous.upstreams[0].url if previous and previous.loaded.demo else ""
             upstreams = [UpstreamConfig(name="demo", url=demo_url or "http://127.0.0.1:1/")]
-        secrets = [s for u in config.upstreams for s in [*header_secrets(u.headers), *u.keys]]
-        redactor = Redactor([*secrets, *header_secrets(config.target_proxy.headers)])
+        redactor = Redactor(configured_secrets(config))
         old = previous.upstreams if previous is not None else ()
         request_log = error_log = None
         if previous is not None:

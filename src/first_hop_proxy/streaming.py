@@ -19,19 +19,23 @@ from typing import Any, TypeVar
 import orjson
 from aiohttp import web
 
-from .attempts import Attempt, attempt_until_decided
+from .attempts import Attempt, attempt_until_decided, judge
 from .backoff import most_attempts
-from .decisions import Action, Outcome, decide, failure_summary
+from .decisions import Action, Outcome, failure_summary
 from .dialects import disguised_error
 from .exchange import ChatRequest, Exchange, failure_body, failure_response, note_failure
 from .headers import client_headers
 from .keys import Key
+from .redact import clip
 from .resume import Seam, Transcript, add_usage, continuation_payload
 from .sse import DONE, comment, event_data, frame, parse_event
-from .upstream import TRANSPORT_ERRORS, Reply, failure, open_stream
+from .upstream import MB, TRANSPORT_ERRORS, Reply, failure, open_stream
 from .upstreams import Upstream
 
 T = TypeVar("T")
+
+#: Characters of the last error quoted in a keep-alive comment.
+COMMENT_PROBLEM = 60
 
 STREAM_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -97,17 +101,18 @@ async def relay_stream(ex: Exchange, chat: ChatRequest) -> web.StreamResponse:
 def stream_attempt(ex: Exchange, chat: ChatRequest) -> Attempt:
     """One streaming attempt at an upstream, read up to its first content."""
     session, title = ex.state.session, ex.settings.policy.disguise_title
+    max_bytes = int(ex.settings.config.target_proxy.max_reply_mb * MB)
 
     def attempt(upstream: Upstream, key: Key | None) -> Awaitable[Reply]:
         body, headers = chat.for_upstream(upstream, key)
-        return open_stream(session, upstream, body, headers, title)
+        return open_stream(session, upstream, body, headers, max_bytes, title)
 
     return attempt
 
 
 async def commit(ex: Exchange) -> web.StreamResponse:
     """Start the client's stream: from here on, only events can tell it anything."""
-    out = web.StreamResponse(status=200, headers=STREAM_HEADERS)
+    out = ex.response = web.StreamResponse(status=200, headers=STREAM_HEADERS)
     await out.prepare(ex.request)
     return out
 
@@ -141,8 +146,7 @@ def progress(ex: Exchange, most: int, resuming: str = "") -> str:
     """The keep-alive comment: which attempt, and what the last one said."""
     last = ""
     if ex.last_code:
-        problem = " ".join(ex.last_problem.split())  # a comment is one line
-        problem = problem[:60] + ("..." if len(problem) > 60 else "")
+        problem = clip(ex.last_problem, COMMENT_PROBLEM, ex.mask)  # one line, masked
         last = f", last error {ex.last_code}" + (f" ({problem})" if problem else "")
         if ex.settings.several and ex.upstream is not None:
             last += f", now at {ex.upstream.name}"
@@ -169,6 +173,7 @@ async def upstream_events(reply: Reply) -> AsyncIterator[bytes]:
     if resp is None or splitter is None:
         return
     async for chunk in resp.content.iter_any():
+        reply.count(chunk)  # past target_proxy.max_reply_mb: the stream fails here
         for event in splitter.feed(chunk):
             yield event
     rest = splitter.flush()
@@ -288,7 +293,7 @@ class Relay:
     async def take(self, event: bytes) -> Break | Restart | None:
         """One event that needs more than passing on: checked, parsed, joined, rewritten."""
         if b'"error"' in event or (self.disguises and b"roxy " in event):
-            broke = error_after_content(self.ex, event)
+            broke = await error_after_content(self.ex, event)
             if broke is not None:
                 await self.settle()
                 return broke
@@ -501,7 +506,7 @@ def cut_off(ex: Exchange, exc: BaseException) -> Break:
     )
 
 
-def error_after_content(ex: Exchange, event: bytes) -> Break | None:
+async def error_after_content(ex: Exchange, event: bytes) -> Break | None:
     """The break for an upstream error event after content.
 
     An error event is ``{"error": ...}``, or a chunk whose ``finish_reason`` is a
@@ -522,11 +527,10 @@ def error_after_content(ex: Exchange, event: bytes) -> Break | None:
     ):
         return None
     text = (data or b"").decode("utf-8", "replace")
-    decision = decide(
+    decision = await judge(
+        ex,
         Outcome(status=200, body=text, stream=True, stream_error_event=text, json=payload),
         ex.history,
-        ex.settings.policy,
-        now=time.time(),
     )
     ex.outcome_note = "stream ended with an error event after content"
     ex.ended_status = decision.status

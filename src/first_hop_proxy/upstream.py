@@ -27,6 +27,15 @@ if TYPE_CHECKING:
     from .upstreams import Upstream
 
 EMPTY_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+MB = 1024 * 1024
+
+
+class ReplyTooLarge(aiohttp.ClientError):
+    """The upstream's reply passed ``target_proxy.max_reply_mb``; the rest was not read."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
 
 
 @dataclass(slots=True, eq=False)
@@ -53,6 +62,16 @@ class Reply:
     comments: int = 0
     comment_bytes: int = 0
     first_comment: str = ""
+    # Bytes read so far, and the most the proxy may hold (target_proxy.max_reply_mb).
+    received: int = 0
+    limit: int = 50 * MB
+
+    def count(self, chunk: bytes) -> None:
+        """Count ``chunk`` as read; ReplyTooLarge once what is held passes the limit
+        (the heartbeat comments before the first content are not held)."""
+        self.received += len(chunk)
+        if self.received - self.comment_bytes > self.limit:
+            raise ReplyTooLarge(self.limit)
 
     def close(self) -> None:
         """Drop the upstream connection (a stream we stop reading must not linger)."""
@@ -105,6 +124,11 @@ def describe_failure(
             f"Could not connect to the upstream at {host}: {cause}. "
             f"Check {setting}.url and that the upstream is running."
         )
+    if isinstance(exc, ReplyTooLarge):
+        return "too_large", (
+            f"The upstream at {host} sent a reply larger than {exc.limit / MB:g} MB "
+            "(target_proxy.max_reply_mb); the rest was not read."
+        )
     if isinstance(exc, aiohttp.ClientPayloadError):
         return "cut_short", f"The upstream at {host} cut its reply short: {exc}."
     if isinstance(exc, aiohttp.ServerDisconnectedError | ConnectionResetError):
@@ -127,17 +151,37 @@ async def fetch(
     upstream: Upstream,
     body: bytes,
     headers: Mapping[str, str],
+    max_bytes: int,
 ) -> Reply:
-    """A non-streaming attempt: the whole reply, or the failure."""
+    """A non-streaming attempt: the whole reply (up to ``max_bytes``), or the failure."""
+    reply = Reply(limit=max_bytes)
     try:
         async with session.post(
             upstream.url, data=body, headers=headers, timeout=upstream.timeout
         ) as resp:
-            data = await resp.read()
-            return Reply(status=resp.status, headers=resp.headers, body=data)
+            reply.status, reply.headers = resp.status, resp.headers
+            reply.body = await read_body(resp, reply)
+            return reply
     except TRANSPORT_ERRORS as exc:
         kind, message = failure(exc, upstream)
-        return Reply(error=kind, message=message)
+        return Reply(status=reply.status, error=kind, message=message)
+
+
+async def read_body(resp: aiohttp.ClientResponse, reply: Reply) -> bytes:
+    """The response body, read chunk by chunk up to the reply's limit.
+
+    Past the limit the connection is dropped: nothing more is read, and what was
+    read is freed, so a hostile upstream cannot make the proxy hold its reply.
+    """
+    chunks: list[bytes] = []
+    try:
+        async for chunk in resp.content.iter_any():
+            reply.count(chunk)
+            chunks.append(chunk)
+    except ReplyTooLarge:
+        resp.close()
+        raise
+    return b"".join(chunks)
 
 
 JSON_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(
@@ -150,6 +194,7 @@ async def fetch_assembled(
     upstream: Upstream,
     body: bytes,
     headers: Mapping[str, str],
+    max_bytes: int,
 ) -> Reply:
     """A JSON request sent as a stream: the whole stream read and assembled into the
     ``chat.completion`` the client asked for (:mod:`assemble`).
@@ -165,14 +210,17 @@ async def fetch_assembled(
     except TRANSPORT_ERRORS as exc:
         kind, message = failure(exc, upstream)
         return Reply(error=kind, message=message, assembled=True)
-    reply = Reply(status=resp.status, headers=resp.headers, assembled=True)
+    reply = Reply(status=resp.status, headers=resp.headers, assembled=True, limit=max_bytes)
     try:
         if not (200 <= resp.status < 300) or not is_event_stream(resp):
-            reply.body = await resp.read()  # an error, or a JSON reply after all
+            reply.body = await read_body(resp, reply)  # an error, or a JSON reply after all
             return reply
         splitter, assembler = EventSplitter(), Assembler()
         async for chunk in resp.content.iter_any():
             for event in splitter.feed(chunk):
+                if event.startswith(b":"):  # a heartbeat: not kept, so not counted
+                    reply.comment_bytes += len(event)
+                    continue
                 data = event_data(event)
                 payload = parse_event(data)
                 if payload is None:
@@ -181,6 +229,7 @@ async def fetch_assembled(
                     reply.body = data or b""  # judged as a 200 carrying an error
                     return reply
                 assembler.feed(payload)
+            reply.count(chunk)
         rest = splitter.flush()
         payload = parse_event(event_data(rest)) if rest is not None else None
         if payload is not None:
@@ -228,6 +277,7 @@ async def open_stream(
     upstream: Upstream,
     body: bytes,
     headers: Mapping[str, str],
+    max_bytes: int,
     disguise: Title | None = None,
 ) -> Reply:
     """A streaming attempt, read up to its first content.
@@ -243,15 +293,17 @@ async def open_stream(
     except TRANSPORT_ERRORS as exc:
         kind, message = failure(exc, upstream)
         return Reply(error=kind, message=message)
-    reply = Reply(status=resp.status, headers=resp.headers)
+    reply = Reply(status=resp.status, headers=resp.headers, limit=max_bytes)
     try:
         if not (200 <= resp.status < 300) or not is_event_stream(resp):
-            reply.body = await resp.read()
+            reply.body = await read_body(resp, reply)
             resp.release()
             return reply
         splitter = EventSplitter()
         async for chunk in resp.content.iter_any():
-            if _scan(reply, splitter.feed(chunk), disguise):
+            found = _scan(reply, splitter.feed(chunk), disguise)
+            reply.count(chunk)
+            if found:
                 break
         else:
             rest = splitter.flush()
