@@ -775,7 +775,7 @@ async def test_a_persisting_429_ends_within_the_time_budget(
     began = time.monotonic()
     answer = await ask(client, proxy, stream=stream)
     took = time.monotonic() - began
-    assert took < 1.5, took
+    assert took < 2.0, took  # 1.5 s of budget; unbounded, the waits would go on past 6 s
     assert answer.status == 503
     error = answer.error
     assert error["code"] == "time_budget_exhausted"
