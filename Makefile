@@ -22,8 +22,9 @@ $(TEST_STAMP): pyproject.toml | $(BIN)/python
 run: $(STAMP)
 	$(BIN)/first-hop-proxy serve
 
+# Line and branch coverage is reported; below [tool.coverage.report] fail_under the run fails.
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --cov
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check src tests bench main.py
@@ -41,4 +42,4 @@ bench-soak: $(STAMP)
 	$(BIN)/python bench/run.py --soak
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*

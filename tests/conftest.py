@@ -6,7 +6,7 @@ import asyncio
 import copy
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,16 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _empty_user_config_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """No test finds the developer's own config file: the user's config folder (where the
+    lookup ends, see ``config_file``) is an empty temporary one, for subprocesses too."""
+    folder = tmp_path_factory.mktemp("xdg-config")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CONFIG_HOME", str(folder))
+        yield folder
 
 
 @pytest.fixture

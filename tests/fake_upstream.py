@@ -12,13 +12,20 @@ import asyncio
 import itertools
 import re
 import time
+import zlib
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import brotli
 import orjson
 from aiohttp import web
+
+try:
+    from compression.zstd import ZstdCompressor
+except ImportError:  # before Python 3.14
+    from backports.zstd import ZstdCompressor
 
 
 def completion(
@@ -60,6 +67,63 @@ def text_chunks(*texts: str, finish: str = "stop") -> list[dict[str, Any]]:
     return [chunk(role=True, text=""), *(chunk(t) for t in texts), chunk(finish=finish)]
 
 
+#: What a CDN in front of an upstream prefers, best first, whatever the client's order.
+ENCODINGS = ("br", "zstd", "gzip", "deflate")
+
+
+class Encoder:
+    """One body compressed with ``name``, written piece by piece.
+
+    Every piece is flushed, so a compressed stream can be decoded event by event.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        if name == "br":
+            self._br = brotli.Compressor()
+        elif name == "zstd":
+            self._zstd = ZstdCompressor()
+        else:
+            self._zlib = zlib.compressobj(wbits=31 if name == "gzip" else 15)
+
+    def piece(self, data: bytes) -> bytes:
+        if self.name == "br":
+            return bytes(self._br.process(data) + self._br.flush())
+        if self.name == "zstd":
+            return bytes(self._zstd.compress(data, ZstdCompressor.FLUSH_BLOCK))
+        return self._zlib.compress(data) + self._zlib.flush(zlib.Z_SYNC_FLUSH)
+
+    def finish(self) -> bytes:
+        if self.name == "br":
+            return bytes(self._br.finish())
+        if self.name == "zstd":
+            return bytes(self._zstd.flush())
+        return self._zlib.flush()
+
+
+def offered(accept_encoding: str) -> set[str]:
+    """The encodings an ``Accept-Encoding`` value allows (``q=0`` refuses one)."""
+    names = set()
+    for item in accept_encoding.split(","):
+        name, _, params = item.strip().partition(";")
+        if name and params.replace(" ", "") not in ("q=0", "q=0.0", "q=0.00", "q=0.000"):
+            names.add(name.strip().lower())
+    return names
+
+
+def pick_encoding(request: web.Request, upstream: FakeUpstream) -> Encoder | None:
+    """The upstream's first preferred encoding that the request offers, if it compresses."""
+    if not upstream.compress:
+        return None
+    allowed = offered(request.headers.get("Accept-Encoding", ""))
+    for name in upstream.compress:
+        if name in allowed:
+            upstream.encodings.append(name)
+            return Encoder(name)
+    upstream.encodings.append("identity")
+    return None
+
+
 @dataclass
 class Received:
     path: str
@@ -90,11 +154,12 @@ class Json(Behaviour):
         raw = self.body if isinstance(self.body, bytes) else orjson.dumps(self.body)
         if isinstance(self.body, str):
             raw = self.body.encode()
-        return web.Response(
-            status=self.status,
-            body=raw,
-            headers={"Content-Type": "application/json", **self.headers},
-        )
+        headers = {"Content-Type": "application/json", **self.headers}
+        encoder = pick_encoding(request, upstream)
+        if encoder is not None:
+            raw = encoder.piece(raw) + encoder.finish()
+            headers["Content-Encoding"] = encoder.name
+        return web.Response(status=self.status, body=raw, headers=headers)
 
 
 @dataclass
@@ -112,36 +177,50 @@ class Sse(Behaviour):
     raw: bool = False  # events are complete wire bytes (framing under test)
 
     async def run(self, request: web.Request, upstream: FakeUpstream) -> web.StreamResponse:
-        out = web.StreamResponse(status=self.status, headers={"Content-Type": "text/event-stream"})
+        headers = {"Content-Type": "text/event-stream"}
+        encoder = pick_encoding(request, upstream)
+        if encoder is not None:
+            headers["Content-Encoding"] = encoder.name
+        out = web.StreamResponse(status=self.status, headers=headers)
         await out.prepare(request)
+
+        async def write(data: bytes) -> None:
+            await out.write(encoder.piece(data) if encoder is not None else data)
+
         for i, event in enumerate(self.events):
             if i and self.gap:
                 await asyncio.sleep(self.gap)
             if self.raw:
                 data = event if isinstance(event, bytes) else str(event).encode()
-                await out.write(data)
+                await write(data)
                 continue
             if isinstance(event, dict):
                 payload = orjson.dumps(event)
             else:
                 payload = event if isinstance(event, bytes) else str(event).encode()
-            await out.write(b"data: " + payload + b"\n\n")
+            await write(b"data: " + payload + b"\n\n")
         if self.end == "done" and self.gap:
             await asyncio.sleep(self.gap)
-        return await end_stream(request, out, self.end)
+        return await end_stream(request, out, self.end, encoder)
 
 
-async def end_stream(request: web.Request, out: web.StreamResponse, end: str) -> web.StreamResponse:
+async def end_stream(
+    request: web.Request, out: web.StreamResponse, end: str, encoder: Encoder | None = None
+) -> web.StreamResponse:
     """End a stream: "done" (``data: [DONE]``), "close" (the body just ends), "reset"
-    (the connection aborted), "hang" (nothing more, the connection kept open)."""
+    (the connection aborted), "hang" (nothing more, the connection kept open).
+    ``encoder``: the body's compression, finished before the body ends."""
     if end == "done":
-        await out.write(b"data: [DONE]\n\n")
+        done = b"data: [DONE]\n\n"
+        await out.write(encoder.piece(done) if encoder is not None else done)
     elif end == "reset":
         assert request.transport is not None
         request.transport.abort()
         return out
     elif end == "hang":
         await asyncio.sleep(3600)
+    if encoder is not None:
+        await out.write(encoder.finish())
     await out.write_eof()
     return out
 
@@ -272,6 +351,10 @@ class FakeUpstream:
         self.models: Behaviour = Json(
             body={"object": "list", "data": [{"id": "fake-model", "object": "model"}]}
         )
+        #: Encodings to compress replies with, best first (none: never compress); the
+        #: first one the request offers is used, and recorded in ``encodings``.
+        self.compress: Sequence[str] = ()
+        self.encodings: list[str] = []
         self._runner: web.AppRunner | None = None
         self.port = 0
 

@@ -24,6 +24,7 @@ from .conftest import REPO, chat_body, clean_env, free_port, wait_until
 from .fake_upstream import FakeUpstream, Json
 
 KEY = "sk-live-0123456789abcdefWXYZ"
+EXAMPLE = REPO / "config.yaml.example"
 MODULE = [sys.executable, "-m", "first_hop_proxy"]
 
 
@@ -149,9 +150,68 @@ def test_config_option_and_env(tmp_path: Path) -> None:
 
 
 def test_check_config_without_file_is_demo(tmp_path: Path) -> None:
-    result = run(["check-config"], tmp_path)
+    xdg = tmp_path / "xdg"
+    result = run(["check-config"], tmp_path, XDG_CONFIG_HOME=str(xdg))
     assert result.returncode == 0, result.stderr
     assert "demo mode" in result.stdout
+    user_file = xdg / "first-hop-proxy" / "config.yaml"
+    assert "DEMO MODE: no config file found" in result.stderr
+    assert (
+        "Looked for: --config (not given), $FHP_CONFIG (not set), "
+        f"{tmp_path / 'config.yaml'}, {user_file}." in result.stderr
+    )
+    assert f"run `first-hop-proxy init` (it writes {user_file})" in result.stderr
+
+
+def test_check_config_empty_file_says_so(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "config.yaml", "# nothing set yet\n")
+    result = run(["check-config"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"# effective config from {path}" in result.stdout
+    assert f"DEMO MODE: the config file {path} is empty" in result.stderr
+    write_config(path, "server:\n  port: 4242\n")
+    result = run(["check-config"], tmp_path)
+    assert f"DEMO MODE: the config file {path} sets no target_proxy.url" in result.stderr
+
+
+# --- init ---------------------------------------------------------------------------------
+
+
+def test_init_writes_the_user_config_file(tmp_path: Path) -> None:
+    xdg = tmp_path / "xdg"
+    user_file = xdg / "first-hop-proxy" / "config.yaml"
+    result = run(["init"], tmp_path, XDG_CONFIG_HOME=str(xdg))
+    assert result.returncode == 0, result.stderr
+    assert user_file.read_text(encoding="utf-8") == EXAMPLE.read_text(encoding="utf-8")
+    assert f"Wrote the starter config to {user_file}" in result.stdout
+    assert "set target_proxy.url" in result.stdout
+    assert result.stdout.rstrip().endswith("\n  first-hop-proxy")
+    # Found from any folder without --config.
+    result = run(["check-config"], tmp_path, XDG_CONFIG_HOME=str(xdg))
+    assert result.returncode == 0, result.stderr
+    assert f"# effective config from {user_file}" in result.stdout
+    assert "your-proxy.example.com" in result.stdout
+    # Never overwritten.
+    user_file.write_text("server:\n  port: 4242\n", encoding="utf-8")
+    result = run(["init"], tmp_path, XDG_CONFIG_HOME=str(xdg))
+    assert result.returncode == 1
+    assert f"{user_file} already exists; nothing was written" in result.stderr
+    assert user_file.read_text(encoding="utf-8") == "server:\n  port: 4242\n"
+
+
+def test_init_path(tmp_path: Path) -> None:
+    result = run(["init", "conf/mine.yaml"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    written = tmp_path / "conf" / "mine.yaml"
+    assert written.read_text(encoding="utf-8") == EXAMPLE.read_text(encoding="utf-8")
+    assert f'first-hop-proxy --config "{written}"' in result.stdout
+    result = run(["init", "config.yaml"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip().endswith("\n  first-hop-proxy")
+    write_config(tmp_path / "a-file", "")
+    result = run(["init", "a-file/config.yaml"], tmp_path)
+    assert result.returncode == 1
+    assert f"cannot write {tmp_path / 'a-file' / 'config.yaml'}: not a folder" in result.stderr
 
 
 def test_check_config_env_overrides(tmp_path: Path) -> None:
@@ -383,9 +443,43 @@ async def test_demo_mode(tmp_path: Path) -> None:
     assert streamed == reply
     assert [m["id"] for m in models["data"]] == ["demo"]
     assert detailed["demo_mode"] is True
-    assert "DEMO MODE" in proxy.stderr
+    assert detailed["config"]["file"] is None
+    assert "config: no config file" in proxy.stderr
+    assert "DEMO MODE: no config file found" in proxy.stderr
+    assert f"{tmp_path / 'config.yaml'}" in proxy.stderr
+    assert "first-hop-proxy init" in proxy.stderr
     assert "target_proxy.url" in proxy.stderr
     assert not (tmp_path / "config.yaml").exists()
+
+
+async def test_banner_and_health_name_the_config_file(tmp_path: Path) -> None:
+    """Started from a folder without a config, the user's config file is found and named."""
+    upstream = await FakeUpstream().start()
+    try:
+        xdg = tmp_path / "xdg"
+        user_file = write_config(
+            xdg / "first-hop-proxy" / "config.yaml", f"target_proxy:\n  url: {upstream.chat_url}\n"
+        )
+        work = tmp_path / "work"
+        work.mkdir()
+        port = free_port()
+        command = [*MODULE, "--port", str(port)]
+        async with serving(command, work, port, XDG_CONFIG_HOME=str(xdg)) as proxy:
+            async with aiohttp.ClientSession() as session:
+                async with session.get(proxy.url + "/health/detailed") as resp:
+                    detailed = await resp.json()
+                async with session.post(proxy.url + "/v1/chat/completions", json=chat_body()):
+                    pass
+            assert await proxy.stop() == 0
+        assert detailed["config"]["file"] == str(user_file)
+        assert detailed["demo_mode"] is False
+        assert f"config: {user_file}" in proxy.stderr
+        assert "DEMO MODE" not in proxy.stderr
+        assert upstream.calls == 1
+        assert (xdg / "first-hop-proxy" / "logs").is_dir()
+        assert not (work / "logs").exists()
+    finally:
+        await upstream.close()
 
 
 def test_tune_gc_freezes_start_up_objects_and_collects_less_often() -> None:

@@ -16,6 +16,13 @@ from first_hop_proxy.config import (
     load_config,
     parse_config,
 )
+from first_hop_proxy.config_file import (
+    Lookup,
+    find_config,
+    starter_config,
+    user_config_file,
+    write_starter_config,
+)
 
 from .conftest import LEGACY_CONFIG, REPO
 
@@ -211,26 +218,100 @@ def test_default_lists_do_not_overlap() -> None:
     assert parse({}).warnings == []
 
 
-def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
-    path = write(tmp_path, "")
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "{}\n"])
+def test_empty_file_is_all_defaults(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
     loaded = load_config(path, env={})
-    assert loaded.warnings == [f"{path} is empty: built-in defaults apply"]
-    assert loaded.demo
+    assert loaded.demo and loaded.empty
+    if text.strip() in ("", "# only a comment"):
+        assert loaded.warnings == [f"{path} is empty: built-in defaults apply"]
     assert loaded.config.server.host == "127.0.0.1"
+    assert not load_config(write(tmp_path, "server:\n  port: 1\n"), env={}).empty
 
 
-def test_missing_default_file_is_demo_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_default_file_is_demo_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, user_config: Path
+) -> None:
     monkeypatch.chdir(tmp_path)
     loaded = load_config(None, env={})
     assert loaded.demo and loaded.path is None
+    assert loaded.searched == (Path("config.yaml"), user_config)
 
 
 def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(tmp_path / "nope.yaml", env={})
-    assert "no such file" in caught.value.problems[0]
+    init = f"first-hop-proxy init {tmp_path / 'nope.yaml'}"
+    assert caught.value.problems == [f"no such file; write a starter config there with: {init}"]
     with pytest.raises(ConfigError):
         load_config(None, env={"FHP_CONFIG": str(tmp_path / "nope.yaml")})
+
+
+def test_required_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(None, env={}, required=True)
+
+
+@pytest.fixture
+def user_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where the user's config file is looked for, in a fresh $XDG_CONFIG_HOME."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    path = user_config_file()
+    assert path == tmp_path / "xdg" / "first-hop-proxy" / "config.yaml"
+    return path
+
+
+def test_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, user_config: Path) -> None:
+    """--config, then $FHP_CONFIG, then ./config.yaml, then the user's config file."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    option = write(tmp_path, "server:\n  port: 1001\n", "option.yaml")
+    from_env = write(tmp_path, "server:\n  port: 1002\n", "env.yaml")
+    env = {"FHP_CONFIG": str(from_env)}
+    user_config.parent.mkdir(parents=True)
+    write(user_config.parent, "server:\n  port: 1004\n")
+
+    def port(path: Path | None, env: dict[str, str]) -> tuple[int, Path | None]:
+        loaded = load_config(path, env=env)
+        return loaded.config.server.port, loaded.path
+
+    assert port(option, env) == (1001, option)
+    assert port(None, env) == (1002, from_env)
+    assert port(None, {}) == (1004, user_config)
+    write(work, "server:\n  port: 1003\n")
+    assert port(None, {}) == (1003, Path("config.yaml"))
+    assert find_config(None, {}) == Lookup(Path("config.yaml"))
+    assert find_config(option, env) == Lookup(option, explicit=True)
+
+
+def test_user_config_folders_resolve_against_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, user_config: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    user_config.parent.mkdir(parents=True)
+    write(user_config.parent, "logging:\n  folder: my-logs\n")
+    config = load_config(None, env={}).config
+    assert Path(config.logging.folder) == user_config.parent.resolve() / "my-logs"
+    assert Path(config.error_logging.folder) == user_config.parent.resolve() / "logs" / "errors"
+
+
+def test_starter_config_is_the_example() -> None:
+    """The package ships the starter config; the repository's example is the same text."""
+    assert starter_config() == EXAMPLE.read_text(encoding="utf-8"), (
+        "config.yaml.example changed: copy it into the package too "
+        "(cp config.yaml.example src/first_hop_proxy/config.yaml.example)"
+    )
+
+
+def test_write_starter_config_never_overwrites(tmp_path: Path) -> None:
+    path = write_starter_config(tmp_path / "a" / "b" / "config.yaml")
+    assert path.read_text(encoding="utf-8") == starter_config()
+    path.write_text("mine", encoding="utf-8")
+    with pytest.raises(FileExistsError):
+        write_starter_config(path)
+    assert path.read_text(encoding="utf-8") == "mine"
 
 
 def test_fhp_config_names_the_file(tmp_path: Path) -> None:
@@ -457,6 +538,19 @@ def test_public_host_with_key_warns(host: str) -> None:
     )
     (warning,) = loaded.warnings
     assert warning.startswith(f"server.host: listening on {host} exposes the key")
+
+
+def test_configured_accept_encoding_warns() -> None:
+    url = "http://127.0.0.1:9/v1/chat/completions"
+    headers = {"accept-encoding": "br"}
+    ignored = (
+        ".headers.Accept-Encoding: ignored; the proxy asks the upstream only "
+        "for the encodings it can decode (gzip, deflate, br, zstd)"
+    )
+    single = parse({"target_proxy": {"url": url, "headers": headers}}).warnings
+    assert single == ["target_proxy" + ignored]
+    listed = [{"name": "a", "url": url}, {"name": "b", "url": url, "headers": headers}]
+    assert parse({"upstreams": listed}).warnings == ["upstreams[1]" + ignored]
 
 
 @pytest.mark.parametrize(

@@ -90,10 +90,10 @@ error_handling:
 
 
 def test_empty_file_says_so_and_runs_demo_mode(tmp_path: Path) -> None:
-    write_config(tmp_path / "config.yaml", "# nothing here yet\n")
+    path = write_config(tmp_path / "config.yaml", "# nothing here yet\n")
     result = run(["check-config"], tmp_path)
     assert result.returncode == 0
-    assert "# effective config from config.yaml" in result.stdout
+    assert f"# effective config from {path}" in result.stdout
     assert "warning: config.yaml is empty: built-in defaults apply" in result.stderr
     assert "no config file found" not in result.stderr + result.stdout
     assert load_config(tmp_path / "config.yaml", env={}).demo
@@ -105,5 +105,5 @@ async def test_serving_an_empty_file_names_it_in_the_demo_banner(tmp_path: Path)
     async with serving([*MODULE, "--port", str(port)], tmp_path, port) as proxy:
         assert await proxy.stop() == 0
     assert "config.yaml is empty: built-in defaults apply" in proxy.stderr
-    assert "DEMO MODE: config.yaml sets no target_proxy.url" in proxy.stderr
+    assert "DEMO MODE: the config file" in proxy.stderr and "config.yaml is empty" in proxy.stderr
     assert "no config file found" not in proxy.stderr

@@ -1304,6 +1304,12 @@ def test_without_max_total_seconds_time_is_no_limit() -> None:
         pytest.param(
             "<html><body><h1>Oops</h1>  broke</body></html>", "Oops broke", id="html-no-title"
         ),
+        pytest.param(
+            "<html><title>Bad Gateway &amp; Co &#8212; &quot;edge&quot;&nbsp;&lt;3</title></html>",
+            'Bad Gateway & Co — "edge" <3',
+            id="html-title-entities",
+        ),
+        pytest.param("<p>Tom &amp; Jerry&#39;s</p>", "Tom & Jerry's", id="html-entities-no-title"),
         pytest.param("plain\n\ntext   here", "plain text here", id="text-collapsed"),
         pytest.param("", "", id="empty"),
     ],

@@ -22,6 +22,7 @@ from .fake_upstream import FakeUpstream, Hang, Json, Sse, chunk
 from .keys import random_key
 from .leak_helpers import Outputs
 from .log_helpers import error_logs, request_logs, settle
+from .test_redact import SHAPE_EXAMPLES
 
 
 @pytest.mark.timeout(60)
@@ -163,3 +164,39 @@ async def test_no_key_placeholder_is_not_masked(
     assert "x is undefined" in text
     assert "***" not in text
     assert "Authorization" not in upstream.received[-1].headers
+
+
+@pytest.mark.timeout(60)
+async def test_every_key_shape_is_masked_end_to_end(
+    start_proxy: StartProxy,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Keys of every common shape, pasted into a message and quoted back by the upstream
+    in a retried error and a final one, reach no log, console line, error body or view."""
+    caplog.set_level(logging.DEBUG)
+    keys = [make() for makers in SHAPE_EXAMPLES.values() for make in makers]
+    quoted = "Invalid keys: " + ", ".join(keys)
+    proxy = await start_proxy({"server": {"debug": True}})
+    out = Outputs()
+    upstream.queue(Json(503, {"error": {"message": quoted}}), Json(401, {"error": quoted}))
+    async with aiohttp.ClientSession() as session:
+        body = chat_body(text="my keys: " + " ".join(keys))
+        async with session.post(proxy.url + "/v1/chat/completions", json=body) as resp:
+            assert resp.status == 401
+            out.add("client error body", await resp.read())
+        await settle(proxy)
+        for path in ("/logs/errors", "/logs/requests"):
+            async with session.get(proxy.url + path) as resp:
+                out.add(path, await resp.read())
+        async with session.get(proxy.url + "/logs/requests") as resp:
+            (entry,) = (await resp.json())["requests"]
+        async with session.get(f"{proxy.url}/logs/requests/{entry['id']}") as resp:
+            out.add("GET /logs/requests/{id}", await resp.read())
+    for path in (tmp_path / "logs").rglob("*.log"):
+        out.add(f"file {path.relative_to(tmp_path)}", path.read_bytes())
+    out.add("console", caplog.text)
+    assert len(error_logs(tmp_path / "logs" / "errors")) >= 2
+    assert "Invalid keys: " in out.texts["GET /logs/requests/{id}"]
+    assert out.leaks({secret[:8]: secret for secret in keys}) == {}

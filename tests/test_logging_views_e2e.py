@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
@@ -40,6 +41,14 @@ async def get_json(client: aiohttp.ClientSession, url: str) -> tuple[int, object
         return resp.status, await resp.json()
 
 
+def assert_local_time_with_offset(text: str) -> None:
+    """An ISO 8601 time that names its UTC offset, so it means one instant (just now)."""
+    when = datetime.fromisoformat(text)
+    assert when.utcoffset() is not None, text
+    assert when.utcoffset() == datetime.now().astimezone().utcoffset()
+    assert abs(when - datetime.now(UTC)) < timedelta(minutes=5)
+
+
 async def test_errors_summary(
     busy_proxy: tuple[RunningServer, list[str]], client: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
@@ -62,7 +71,7 @@ async def test_errors_summary(
     assert [f["code"] for f in files] == ["bad_request", "503"]  # newest first
     for f in files:
         assert f["size"] == (tmp_path / "logs" / "errors" / f["name"]).stat().st_size
-        assert f["time"][:4].isdigit()
+        assert_local_time_with_offset(f["time"])
     status, limited = await get_json(client, proxy.url + "/logs/errors?limit=1")
     assert isinstance(limited, dict) and [f["code"] for f in limited["files"]] == ["bad_request"]
     assert limited["on_disk"]["files"] == 2
@@ -98,7 +107,7 @@ async def test_request_list_and_one_request(
     assert (bad["status"], bad["attempts"]) == (400, 0)
     for e in entries:
         assert isinstance(e["duration"], float) and e["duration"] >= 0
-        assert e["time"][:4].isdigit()
+        assert_local_time_with_offset(e["time"])
     status, limited = await get_json(client, proxy.url + "/logs/requests?limit=2")
     assert isinstance(limited, dict) and [e["id"] for e in limited["requests"]] == ids[:0:-1]
     files = request_logs(tmp_path / "logs")
@@ -124,6 +133,7 @@ async def test_request_list_survives_restart(
     assert status == 200 and isinstance(body, dict)
     assert [e["id"] for e in body["requests"]] == [rid]
     assert body["requests"][0]["status"] == 200
+    assert_local_time_with_offset(body["requests"][0]["time"])  # read back from the file name
     async with client.get(f"{second.url}/logs/requests/{rid}") as resp:
         assert resp.status == 200 and f"Request ID: {rid}" in await resp.text()
 

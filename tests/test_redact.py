@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import base64
 import os
+import secrets
+import string
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 import pytest
 
 from first_hop_proxy.redact import (
+    KEY_SHAPES,
     Redactor,
     _has_unicode_escape,
     clip,
@@ -23,7 +27,7 @@ from first_hop_proxy.redact import (
     redact_url,
 )
 
-from .keys import assert_no_leak, random_key
+from .keys import ALNUM, assert_no_leak, random_key
 
 
 def visible(masked: str) -> int:
@@ -333,3 +337,116 @@ def test_real_key_still_masked_beside_placeholder_words() -> None:
     secrets = header_secrets({"Authorization": f"Bearer {key}", "X-Api-Key": "undefined"})
     assert secrets == [key]
     assert Redactor(secrets).text(f"undefined {key}") == "undefined …cdef"
+
+
+# --- Key shapes: each one masked in free text, each near miss left alone -----------------
+
+UPPER_B32 = string.ascii_uppercase + "234567"
+LETTERS = string.ascii_letters
+TOKEN = ALNUM + "_-"
+
+
+def key(prefix: str, length: int, alphabet: str = ALNUM, suffix: str = "") -> str:
+    return prefix + "".join(secrets.choice(alphabet) for _ in range(length)) + suffix
+
+
+# Examples of each shape in KEY_SHAPES, as the providers issue them.
+SHAPE_EXAMPLES: dict[str, list[Callable[[], str]]] = {
+    "sk": [
+        lambda: key("sk-", 48),  # OpenAI, legacy
+        lambda: key("sk-proj-", 156, TOKEN),  # OpenAI project key
+        lambda: key("sk-svcacct-", 120, TOKEN),
+        lambda: key("sk-ant-api03-", 93, TOKEN, "AA"),  # Anthropic, hyphens inside
+        lambda: key("sk-ant-admin01-", 93, TOKEN, "AA"),
+        lambda: key("sk-or-v1-", 64, "0123456789abcdef"),  # OpenRouter
+    ],
+    "google": [lambda: key("AIza", 35, TOKEN)],
+    "xai": [lambda: key("xai-", 80, ALNUM + "_")],
+    "groq": [lambda: key("gsk_", 52)],
+    "huggingface": [lambda: key("hf_", 34, LETTERS)],
+    "huggingface_org": [lambda: key("api_org_", 34, LETTERS)],
+    "aws": [lambda: key("AKIA", 16, UPPER_B32), lambda: key("ASIA", 16, UPPER_B32)],
+    "github": [lambda p=p: key(p, 36) for p in ("ghp_", "gho_", "ghu_", "ghs_", "ghr_")],
+    "github_fine_grained": [lambda: key("github_pat_11", 80, ALNUM + "_")],
+}
+
+# Text that looks a little like a key and must come out exactly as it went in.
+NEAR_MISSES = {
+    "sk": [
+        "Her task-management-system-design was due; a brisk-and-businesslike-manner helped.",
+        "the sk-short one",
+    ],
+    "google": ["AIza is how the key starts, AIzaSyShort too"],
+    "xai": ["switch the model to xai-grok-2-1212 or grok-beta"],
+    "groq": ["the gsk_test_placeholder value"],
+    "huggingface": ["- (id)hf_requiredCharacteristicTypesForDisplayMetadata;", "hf_token = None"],
+    "huggingface_org": ["const api_org_controller = require('./organizations');"],
+    "aws": ["TODAYINASIAASACKOFRICEFELLOVER", "AKIA is an AWS prefix; ASIA TOUR 2024 TICKETS"],
+    "github": ["ghp_short and the ghost_of_the_opera_house_and_other_stories_told"],
+    "github_fine_grained": ["a github_pat_example in the docs"],
+}
+
+STORY = (
+    "The courier handed over request 123e4567-e89b-12d3-a456-426614174000 and said the "
+    "seal's hash was 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08, "
+    "commit 4b825dc642cb6eb9a060e54bf8d69288fbee4904. She was the bearer of bad news, "
+    "gave a token of thanks and asked for the key to the old tower."
+)
+
+
+def test_every_shape_has_examples_and_near_misses() -> None:
+    names = [shape.name for shape in KEY_SHAPES]
+    assert len(set(names)) == len(names)
+    assert set(SHAPE_EXAMPLES) == set(names) == set(NEAR_MISSES)
+    assert all(shape.source for shape in KEY_SHAPES)
+
+
+@pytest.mark.parametrize(
+    ("shape", "make"),
+    [(name, make) for name, makers in SHAPE_EXAMPLES.items() for make in makers],
+)
+def test_key_shape_masked_in_free_text(shape: str, make: Callable[[], str]) -> None:
+    secret = make()
+    hints = next(s.hints for s in KEY_SHAPES if s.name == shape)
+    assert any(h in secret for h in hints)  # the fast path looks for it
+    contexts = [
+        f"Invalid API key: {secret}. Check your settings.",
+        f"my key is {secret}",
+        f'{{"error": {{"message": "Incorrect API key provided:\\n{secret}"}}}}',
+        f"https://host.example/v1?x=1&k=%20{secret}",
+        f"({secret})",
+    ]
+    for text in contexts:
+        out = redact_text(text)
+        assert_no_leak(out, secret)
+        assert "…" in out
+        assert visible(mask(secret)) <= 7
+    # The same key in a parsed JSON body (the request log's narrowed path).
+    body = {"messages": [{"role": "user", "content": f"here: {secret}"}], "max_tokens": 5}
+    raw = orjson.dumps(body)
+    assert_no_leak(orjson.dumps(Redactor().parsed_json(raw, orjson.loads(raw))).decode(), secret)
+
+
+@pytest.mark.parametrize(
+    "text", [text for texts in NEAR_MISSES.values() for text in texts] + [STORY]
+)
+def test_near_misses_left_alone(text: str) -> None:
+    assert redact_text(text) == text
+    raw = orjson.dumps({"content": text})
+    assert Redactor().parsed_json(raw, orjson.loads(raw)) == {"content": text}
+
+
+def test_bearer_token_in_free_text() -> None:
+    token = key("", 40, TOKEN + ".")
+    out = redact_text(f"curl -H 'Authorization: Bearer {token}' and then bearer {token}")
+    assert_no_leak(out, token)
+    assert out.count("Bearer ") == 1 and "bearer " in out
+    assert redact_text("Bearer 12345 and the bearer of bad news") == (
+        "Bearer 12345 and the bearer of bad news"
+    )
+
+
+def test_a_word_before_a_key_is_kept() -> None:
+    secret = key("ghp_", 36)
+    assert redact_text(f"Bearer {secret}") == f"Bearer ghp…{secret[-4:]}"
+    assert redact_text(f'{{"token": "{secret}"}}') == f'{{"token": "ghp…{secret[-4:]}"}}'

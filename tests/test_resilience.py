@@ -437,13 +437,14 @@ async def test_html_error_page_gives_its_title(
     start_proxy: StartProxy, upstream: FakeUpstream, client: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy({"error_handling": {"max_retries": 1}})
-    page = "<html><head><title>502 Bad Gateway</title></head><body><h1>nginx</h1></body></html>"
+    title = "502 Bad Gateway &#8211; Tom &amp; Jerry&#39;s proxy"
+    page = f"<html><head><title>{title}</title></head><body><h1>nginx</h1></body></html>"
     upstream.default = Json(502, page, headers={"Content-Type": "text/html"})
     answer = await ask(client, proxy)
     assert upstream.calls == 2
     assert answer.status == 502
-    assert "502 Bad Gateway" in answer.error["message"]
-    assert "<" not in answer.error["message"]
+    assert "502 Bad Gateway – Tom & Jerry's proxy" in answer.error["message"]
+    assert "<" not in answer.error["message"] and "&amp;" not in answer.error["message"]
 
 
 async def test_reset_retried_against_max_retries(
@@ -774,7 +775,7 @@ async def test_a_persisting_429_ends_within_the_time_budget(
     began = time.monotonic()
     answer = await ask(client, proxy, stream=stream)
     took = time.monotonic() - began
-    assert took < 1.5, took
+    assert took < 2.0, took  # 1.5 s of budget; unbounded, the waits would go on past 6 s
     assert answer.status == 503
     error = answer.error
     assert error["code"] == "time_budget_exhausted"

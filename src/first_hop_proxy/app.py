@@ -11,6 +11,7 @@ from aiohttp import web
 
 from . import __version__
 from .config import LoadedConfig
+from .config_file import shown
 from .demo import add_demo_routes
 from .errors import json_response
 from .forwarding import chat_completions
@@ -45,7 +46,7 @@ async def health_detailed(request: web.Request) -> web.Response:
         "uptime_seconds": round(time.monotonic() - state.started, 3),
         "demo_mode": state.loaded.demo,
         "config": {
-            "file": str(settings.loaded.path) if settings.loaded.path else None,
+            "file": shown(settings.loaded.path) if settings.loaded.path else None,
             "loaded_at": wall_clock(settings.loaded_at),
             "warnings": [state.redactor.text(w) for w in settings.loaded.warnings],
         },

@@ -1,4 +1,4 @@
-"""The ``first-hop-proxy`` command: serve, check-config, rewrite."""
+"""The ``first-hop-proxy`` command: serve, init, check-config, rewrite."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ from typing import Any
 import yaml
 
 from . import __version__, console
-from .config import (
-    ConfigError,
-    LoadedConfig,
-    default_config_path,
-    load_config,
+from .config import ConfigError, LoadedConfig, load_config
+from .config_file import (
+    FILE_NAME,
+    find_config,
+    shown,
+    user_config_file,
+    write_starter_config,
 )
 from .demo import banner
 from .error_log import log_config_error
@@ -53,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--config",
             type=Path,
             default=default,
-            help="config file (default: $FHP_CONFIG or ./config.yaml)",
+            help="config file (default: $FHP_CONFIG, else ./config.yaml, else "
+            f"{shown(user_config_file())})",
         )
         if serving:
             p.add_argument(
@@ -75,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     options(parser, None, True)
     serve_parser = commands.add_parser("serve", help="start the proxy (the default)")
     options(serve_parser, argparse.SUPPRESS, True)
+    init = commands.add_parser("init", help="write the commented starter config")
+    init.add_argument(
+        "path",
+        nargs="?",
+        type=Path,
+        help=f"where to write it (default: {shown(user_config_file())})",
+    )
     check = commands.add_parser(
         "check-config", help="validate the config and print it with secrets masked"
     )
@@ -129,7 +139,7 @@ def load_or_report(
         for warning in exc.warnings:
             print(f"  warning: {redact_text(warning)}", file=sys.stderr)
         if log_errors:
-            written = record_config_error(path or default_config_path(env), exc)
+            written = record_config_error(find_config(path, env).path, exc)
             if written is not None:
                 print(f"  (logged to {written})", file=sys.stderr)
         return None
@@ -145,14 +155,14 @@ def config_env(host: str | None = None, port: int | None = None) -> dict[str, st
     return env
 
 
-def record_config_error(path: Path, exc: ConfigError) -> Path | None:
+def record_config_error(path: Path | None, exc: ConfigError) -> Path | None:
     """Best effort: a broken config's problems go to ``logs/errors`` beside the config file.
 
     The config's own ``error_logging`` cannot be trusted when it is broken, so the
     default folder is used; nothing is written for a config file that does not exist.
     """
     try:
-        if not path.is_file():
+        if path is None or not path.is_file():
             return None
         folder = path.resolve().parent / "logs" / "errors"
     except OSError:
@@ -176,12 +186,46 @@ def check_config(path: Path | None) -> int:
     loaded = load_or_report(path)
     if loaded is None:
         return 1
-    source = str(loaded.path) if loaded.path else "no config file (demo mode, built-in defaults)"
-    print(f"# effective config from {source}")
+    print(f"# effective config from {config_source(loaded)}")
     print(yaml.safe_dump(effective_config(loaded), sort_keys=False, allow_unicode=True), end="")
+    if loaded.demo:
+        print(banner(loaded), file=sys.stderr)
     for warning in loaded.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"OK: config is valid ({len(loaded.warnings)} warning(s))", file=sys.stderr)
+    return 0
+
+
+def config_source(loaded: LoadedConfig) -> str:
+    """The config file in use, for the banner and ``check-config``."""
+    if loaded.path is None:
+        return "no config file (demo mode, built-in defaults)"
+    return shown(loaded.path)
+
+
+def init_config(path: Path | None) -> int:
+    """``first-hop-proxy init [PATH]``: write the starter config, never over a file."""
+    target = path if path is not None else user_config_file()
+    try:
+        write_starter_config(target)
+    except FileExistsError:
+        print(
+            f"{shown(target)} already exists; nothing was written. Edit it, or name "
+            "another file: first-hop-proxy init PATH",
+            file=sys.stderr,
+        )
+        return 1
+    except OSError as exc:
+        print(f"cannot write {shown(target)}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(f"Wrote the starter config to {shown(target)}")
+    print("Next: open it, set target_proxy.url to your AI proxy's chat completions URL")
+    print("(and your key under target_proxy.headers, or set FHP_TARGET_API_KEY), then run:")
+    found = find_config(None).path
+    if found is not None and shown(found) == shown(target):  # found without --config
+        print("  first-hop-proxy")
+    else:
+        print(f'  first-hop-proxy --config "{shown(target)}"')
     return 0
 
 
@@ -190,7 +234,8 @@ def serve(path: Path | None, host: str | None, port: int | None, use_uvloop: boo
     if loaded is None:
         return 1
     env = config_env(host, port)
-    watched = loaded.path or path or default_config_path(env)
+    # In demo mode (no file anywhere) a config.yaml made in this folder is picked up.
+    watched = loaded.path or path or Path(FILE_NAME)
     host, port = loaded.config.server.host, loaded.config.server.port
     handler = console.setup(loaded.config.server.debug, Redactor(configured_secrets(loaded.config)))
     try:
@@ -212,8 +257,9 @@ def run_server(
         log.warning("config: %s", warning)
 
     def ready(running: RunningServer) -> None:
+        log.info("config: %s", config_source(loaded))
         if loaded.demo:
-            log.warning(banner(loaded.path))
+            log.warning(banner(loaded))
         log.info(
             "first-hop-proxy %s listening on %s (event loop: %s)",
             __version__,
@@ -250,6 +296,8 @@ def try_rules(path: Path | None, text: str, role: str, response: bool) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "init":
+        return init_config(args.path)
     if args.command == "check-config":
         return check_config(args.config)
     if args.command == "rewrite":

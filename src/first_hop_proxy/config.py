@@ -14,7 +14,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -30,8 +30,9 @@ from pydantic import (
 )
 
 from . import safe_yaml
+from .config_file import FILE_NAME, INIT_COMMAND, find_config
 from .dialects import DEFAULT_TITLE_PATTERN
-from .headers import is_empty_value
+from .headers import ACCEPT_ENCODING, is_empty_value
 from .patterns import nested_repetition
 from .redact import is_secret_header
 
@@ -417,11 +418,17 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class LoadedConfig:
-    """A validated config, where it came from, and what was odd about it."""
+    """A validated config, where it came from, and what was odd about it.
+
+    ``path`` is None when no config file was found; ``searched`` then lists the
+    places looked. ``empty``: the file holds no settings (blank or only comments).
+    """
 
     config: Config
     path: Path | None = None
     warnings: list[str] = field(default_factory=list)
+    searched: tuple[Path, ...] = ()
+    empty: bool = False
 
     @property
     def demo(self) -> bool:
@@ -429,29 +436,28 @@ class LoadedConfig:
         return not self.config.upstreams
 
 
-def default_config_path(env: Mapping[str, str] | None = None) -> Path:
-    env = os.environ if env is None else env
-    return Path(env.get("FHP_CONFIG") or "config.yaml")
-
-
 def load_config(
     path: Path | None = None, env: Mapping[str, str] | None = None, *, required: bool = False
 ) -> LoadedConfig:
-    """Load and validate the config at ``path`` (default: ``$FHP_CONFIG`` or ./config.yaml).
+    """Load and validate the config at ``path``, else the first one found (see
+    :func:`config_file.find_config`).
 
-    A missing file is demo mode unless ``required``; everything else that is
-    wrong raises :class:`ConfigError` listing every problem.
+    No file anywhere is demo mode unless ``required``; a named file that is
+    missing, and everything else that is wrong, raises :class:`ConfigError`
+    listing every problem.
     """
     env = os.environ if env is None else env
-    explicit = path is not None or bool(env.get("FHP_CONFIG"))
-    path = path or default_config_path(env)
-    if not path.exists():
-        if required or explicit:
+    lookup = find_config(path, env)
+    path = lookup.path
+    if path is None or not path.exists():
+        if required or path is not None:
+            where = path or Path(FILE_NAME)
             raise ConfigError(
-                [f"no such file; copy config.yaml.example to {path} and set target_proxy.url"],
-                str(path),
+                [f"no such file; write a starter config there with: {INIT_COMMAND} {where}"],
+                str(where),
             )
-        return parse_config({}, base_dir=Path.cwd(), env=env)
+        loaded = parse_config({}, base_dir=Path.cwd(), env=env)
+        return replace(loaded, searched=lookup.searched)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -471,7 +477,7 @@ def load_config(
     warnings = loaded.warnings
     if empty:
         warnings = [f"{path} is empty: built-in defaults apply", *warnings]
-    return LoadedConfig(loaded.config, path, warnings)
+    return replace(loaded, path=path, empty=empty or not data, warnings=warnings)
 
 
 def parse_config(
@@ -762,6 +768,17 @@ def _semantic_warnings(config: Config) -> list[str]:
             f"error_handling.{loser}: {listed} also in {winner}; {winner} wins "
             "(precedence: fail_codes, then retry_codes, then conditional_retry_codes)"
         )
+    configured = (  # target_proxy alone stands for upstreams[0] (see _resolve_upstreams)
+        [("target_proxy", config.target_proxy.headers)]
+        if config.target_proxy.url
+        else [(f"upstreams[{i}]", u.headers) for i, u in enumerate(config.upstreams)]
+    )
+    for where, headers in configured:
+        if any(name.lower() == "accept-encoding" for name in headers):
+            warnings.append(
+                f"{where}.headers.Accept-Encoding: ignored; the proxy asks the upstream "
+                f"only for the encodings it can decode ({ACCEPT_ENCODING})"
+            )
     if not is_local_host(config.server.host) and any(
         is_secret_header(h) and not is_empty_value(v)
         for headers in [config.target_proxy.headers, *(u.headers for u in config.upstreams)]

@@ -24,6 +24,7 @@ The rules, first match wins:
 from __future__ import annotations
 
 import enum
+import html
 import http
 import math
 import re
@@ -437,10 +438,11 @@ def _trim(text: str, mask: Mask = redact_text, limit: int = MESSAGE_LIMIT) -> st
 
 
 def _readable(text: str, mask: Mask = redact_text, limit: int = MESSAGE_LIMIT) -> str:
-    """Raw body text made fit for a sentence: an HTML error page becomes its title."""
+    """Raw body text made fit for a sentence: an HTML error page becomes its title,
+    its entities decoded (``&amp;`` reads ``&``)."""
     if text.lstrip().startswith("<"):
         title = _TITLE.search(text)
-        text = title.group(1) if title else _TAG.sub(" ", text)
+        text = html.unescape(title.group(1) if title else _TAG.sub(" ", text))
     return _trim(text, mask, limit)
 
 

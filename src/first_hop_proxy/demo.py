@@ -13,6 +13,8 @@ import uuid
 import orjson
 from aiohttp import web
 
+from .config import LoadedConfig
+from .config_file import INIT_COMMAND, shown, user_config_file
 from .errors import json_response
 from .sse import DONE, frame
 
@@ -20,23 +22,38 @@ DEMO_PREFIX = "/__demo__/"
 DEMO_PATH = DEMO_PREFIX + "v1/chat/completions"
 DEMO_TEXT = (
     "Hello from first-hop-proxy's demo upstream! The proxy works, but no real "
-    "upstream is set yet. Copy config.yaml.example to config.yaml and set "
-    "target_proxy.url to your AI proxy's chat completions URL (or set the "
+    f"upstream is set yet. Run `{INIT_COMMAND}` to write a starter config, set "
+    "target_proxy.url in it to your AI proxy's chat completions URL (or set the "
     "FHP_TARGET_URL environment variable), then restart the proxy."
 )
-BANNER = (
-    "DEMO MODE: {why}, so replies come from the built-in demo upstream.\n"
-    "  To use your AI proxy: cp config.yaml.example config.yaml, set target_proxy.url,\n"
-    "  and restart (or set FHP_TARGET_URL)."
-)
+_DEMO = "so replies come from the built-in demo upstream."
 
 
-def banner(config_path: object | None) -> str:
-    """The console banner of demo mode, saying why there is no upstream."""
-    why = (
-        "no config file found" if config_path is None else f"{config_path} sets no target_proxy.url"
+def banner(loaded: LoadedConfig) -> str:
+    """Why the proxy is in demo mode, where it looked for a config, and what to do next."""
+    restart = "and restart (or set FHP_TARGET_URL)."
+    if loaded.path is None:
+        looked = ", ".join(
+            ["--config (not given)", "$FHP_CONFIG (not set)", *map(shown, loaded.searched)]
+        )
+        user_file = shown(user_config_file())
+        return (
+            f"DEMO MODE: no config file found, {_DEMO}\n"
+            f"  Looked for: {looked}.\n"
+            f"  To use your AI proxy: run `{INIT_COMMAND}` (it writes {user_file}),\n"
+            f"  set target_proxy.url there, {restart}"
+        )
+    path = shown(loaded.path)
+    if loaded.empty:
+        return (
+            f"DEMO MODE: the config file {path} is empty, {_DEMO}\n"
+            f"  To use your AI proxy: set target_proxy.url in it (or delete it and run\n"
+            f"  `{INIT_COMMAND} {path}` for the commented starter config), {restart}"
+        )
+    return (
+        f"DEMO MODE: the config file {path} sets no target_proxy.url (and no upstreams),\n"
+        f"  {_DEMO} To use your AI proxy: set target_proxy.url in it, {restart}"
     )
-    return BANNER.format(why=why)
 
 
 async def demo_chat(request: web.Request) -> web.StreamResponse:

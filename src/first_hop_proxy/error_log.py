@@ -87,7 +87,7 @@ class ErrorFile:
         return {
             "name": self.name,
             "size": self.size,
-            "time": datetime.fromtimestamp(self.mtime).isoformat(),
+            "time": datetime.fromtimestamp(self.mtime).astimezone().isoformat(),
             "code": self.code,
         }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .redact import is_placeholder
@@ -24,6 +25,15 @@ HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
+# The encodings the upstream may answer in: only those the client session decodes
+# (br with Brotli, zstd with backports.zstd before Python 3.14; both are dependencies).
+# The client's own Accept-Encoding never goes upstream: a reply in an encoding this
+# side cannot decode would be lost. The client gets the reply uncompressed.
+DECODED_ENCODINGS = ("gzip", "deflate", *(("br",) if HAS_BROTLI else ()))
+DECODED_ENCODINGS += ("zstd",) if HAS_ZSTD else ()
+ACCEPT_ENCODING = ", ".join(DECODED_ENCODINGS)
+# Not forwarded upstream: the proxy decides these itself.
+REQUEST_DROP = HOP_BY_HOP | {"accept-encoding"}
 # Not forwarded back to the client: the body is re-framed (and decompressed) here.
 RESPONSE_DROP = HOP_BY_HOP | {"content-encoding", "x-request-id", "date", "server"}
 
@@ -38,16 +48,21 @@ def configured_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The configured headers that carry something, worked out once per config.
 
     A configured header whose value is empty (an unset variable, e.g.
-    ``"Bearer ${KEY:-}"`` with KEY unset) counts as absent.
+    ``"Bearer ${KEY:-}"`` with KEY unset) counts as absent, and so does
+    ``Accept-Encoding`` (see :data:`ACCEPT_ENCODING`).
     """
-    return {name: value for name, value in headers.items() if not is_empty_value(value)}
+    return {
+        name: value
+        for name, value in headers.items()
+        if not is_empty_value(value) and name.lower() != "accept-encoding"
+    }
 
 
 def upstream_headers(
     client: CIMultiDictProxy[str] | Mapping[str, str], configured: Mapping[str, str]
 ) -> CIMultiDict[str]:
-    """The client's headers minus hop-by-hop ones; ``configured`` (from
-    :func:`configured_headers`) added and winning.
+    """The client's headers minus hop-by-hop ones and ``Accept-Encoding``;
+    ``configured`` (from :func:`configured_headers`) added and winning.
 
     ``Authorization: Bearer undefined`` (and ``null``, or nothing after ``Bearer``)
     is what SillyTavern sends when no key is stored: it counts as absent.
@@ -56,8 +71,9 @@ def upstream_headers(
 
 
 def forwardable(client: CIMultiDictProxy[str] | Mapping[str, str]) -> CIMultiDict[str]:
-    """The client's headers that may go upstream: no hop-by-hop ones, no placeholder key."""
-    drop = HOP_BY_HOP | _connection_named(client)
+    """The client's headers that may go upstream: no hop-by-hop ones, no Accept-Encoding,
+    no placeholder key."""
+    drop = REQUEST_DROP | _connection_named(client)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in client.items():
         lower = name.lower()

@@ -488,7 +488,7 @@ class RequestLog:
         entry = RequestEntry(
             request_id=record.request_id,
             file=written.name,
-            time=datetime.fromtimestamp(record.started_wall).isoformat(),
+            time=datetime.fromtimestamp(record.started_wall).astimezone().isoformat(),
             status=record.final_status,
             attempts=len(record.attempts),
             duration=None if record.duration is None else round(record.duration, 3),
@@ -547,4 +547,5 @@ def _entry_from_file(path: Path) -> RequestEntry | None:
     started = datetime.strptime(match.group("ts")[:15], "%Y%m%d_%H%M%S").replace(
         microsecond=int(match.group("ts")[16:]) * 1000
     )
-    return RequestEntry(request_id, path.name, started.isoformat(), status, attempts, duration)
+    when = started.astimezone().isoformat()  # the name is in local time
+    return RequestEntry(request_id, path.name, when, status, attempts, duration)

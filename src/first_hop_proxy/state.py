@@ -25,6 +25,7 @@ from .config import Upstream as UpstreamConfig
 from .decisions import Policy
 from .error_log import ErrorEvent, ErrorLog
 from .guard import Guard
+from .headers import ACCEPT_ENCODING
 from .redact import Redactor, header_secrets, masked_url, url_secrets
 from .request_log import RequestLog
 from .rewrite import Rewriter
@@ -203,6 +204,7 @@ class State:
 
         ``total=None``: a stream may run for as long as it keeps sending. Each
         upstream's own ``connect`` and ``sock_read`` times are set per request.
+        Every request asks only for the encodings the session decodes.
         """
         await self.writer.start()
         self.usage.start()
@@ -210,6 +212,7 @@ class State:
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(total=None),
             skip_auto_headers=("User-Agent",),
+            headers={"Accept-Encoding": ACCEPT_ENCODING},
         )
 
     async def stop(self) -> None:
