@@ -420,6 +420,7 @@ async def test_a_cdn_timeout_switches_json_requests_to_streams(
     assert body["choices"][0]["message"]["content"] == "Streamed reply."
     assert body["id"] == "chatcmpl-fake" and body["created"] == 1700000000
     assert [r.json.get("stream") for r in upstream.received] == [False, True]
+    assert upstream.received[1].json["stream_options"] == {"include_usage": True}
     status, body = await ask(proxy)  # from now on: streamed at once
     assert status == 200 and upstream.received[-1].json["stream"] is True
     assert upstream.calls == 3

@@ -45,8 +45,9 @@ class ChatRequest:
         self, upstream: Upstream, key: Key | None = None, *, as_stream: bool = False
     ) -> tuple[bytes, CIMultiDict[str]]:
         """The body and headers to send to ``upstream``: its own model name, its
-        configured headers, the pool ``key`` in place of the client's, and
-        ``"stream": true`` for a JSON request it streams (worked out once each)."""
+        configured headers, the pool ``key`` in place of the client's, and for a
+        JSON request it streams ``"stream": true`` with usage asked for (a JSON
+        reply carries its usage; the assembled one should too). Worked out once each."""
         slot = (upstream.name, key.label if key is not None else "", as_stream)
         prepared = self._prepared.get(slot)
         if prepared is None:
@@ -57,6 +58,9 @@ class ChatRequest:
                 changes["model"] = theirs
             if as_stream:
                 changes["stream"] = True
+                options = self.payload.get("stream_options")
+                options = dict(options) if isinstance(options, dict) else {}
+                changes["stream_options"] = {"include_usage": True, **options}
             if changes:
                 body = orjson.dumps({**self.payload, **changes})
             headers = add_configured(self.headers, upstream.headers)
