@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test lint typecheck check bench bench-soak clean
+.PHONY: run test lint typecheck check bench bench-soak screenshots clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ typecheck: $(TEST_STAMP)
 	$(BIN)/mypy
 
 check: lint typecheck test
+
+# The README's dashboard screenshots, in the browser the tests use (needs Chromium).
+screenshots: $(TEST_STAMP)
+	$(BIN)/python -m tests.browser.screenshot docs
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

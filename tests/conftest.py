@@ -48,6 +48,16 @@ def _empty_user_config_folder(tmp_path_factory: pytest.TempPathFactory) -> Itera
         yield folder
 
 
+def default_settings(upstream: FakeUpstream, folder: Path) -> dict[str, Any]:
+    """The tests' defaults: retries fast (tiny delays), logs in ``folder``."""
+    return {
+        "target_proxy": {"url": upstream.chat_url, "timeout": 5},
+        "error_handling": {"base_delay": 0.01, "max_delay": 0.05},
+        "logging": {"folder": str(folder / "logs")},
+        "error_logging": {"folder": str(folder / "logs" / "errors")},
+    }
+
+
 @pytest.fixture
 async def upstream() -> AsyncIterator[FakeUpstream]:
     fake = await FakeUpstream().start()
@@ -57,22 +67,14 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
 
 @pytest.fixture
 async def start_proxy(upstream: FakeUpstream, tmp_path: Path) -> AsyncIterator[StartProxy]:
-    """Start the real proxy against the fake upstream; settings merge over test defaults.
-
-    Test defaults keep retries fast (tiny delays) so no test sleeps for seconds.
-    """
+    """Start the real proxy against the fake upstream; settings merge over
+    :func:`default_settings`, so no test sleeps for seconds."""
     running: list[RunningServer] = []
 
     async def _start(
         settings: dict[str, Any] | None = None, *, env: dict[str, str] | None = None
     ) -> RunningServer:
-        base = {
-            "target_proxy": {"url": upstream.chat_url, "timeout": 5},
-            "error_handling": {"base_delay": 0.01, "max_delay": 0.05},
-            "logging": {"folder": str(tmp_path / "logs")},
-            "error_logging": {"folder": str(tmp_path / "logs" / "errors")},
-        }
-        data = merge(base, settings or {})
+        data = merge(default_settings(upstream, tmp_path), settings or {})
         loaded = parse_config(data, base_dir=tmp_path, env=env or {})
         server = await start(loaded, "127.0.0.1", 0)
         running.append(server)

@@ -347,6 +347,38 @@ async def test_cli_host_warns_about_exposed_key(tmp_path: Path) -> None:
     assert KEY not in proxy.stderr
 
 
+async def test_cli_beyond_loopback_prints_a_generated_admin_token_once(tmp_path: Path) -> None:
+    port = free_port()
+    command = [*MODULE, "serve", "--host", "0.0.0.0", "--port", str(port)]
+    async with serving(command, tmp_path, port) as proxy:
+        assert proxy.process.stderr is not None
+        token = ""
+        while not token:
+            line = (await asyncio.wait_for(proxy.process.stderr.readline(), 10)).decode()
+            assert line, "the proxy printed no admin token"
+            if "admin token" in line:
+                token = line.rsplit(": ", 1)[1].strip()
+        async with aiohttp.ClientSession() as session:
+            async with session.get(proxy.url + "/metrics") as resp:
+                assert resp.status == 401
+            headers = {"Authorization": f"Bearer {token}"}
+            async with session.get(proxy.url + "/metrics", headers=headers) as resp:
+                assert resp.status == 200
+            async with session.post(proxy.url + "/v1/chat/completions", json=chat_body()) as resp:
+                assert resp.status == 200  # chat needs no token
+        assert await proxy.stop() == 0
+    assert token not in proxy.stderr  # printed once, at start-up, and in no refusal line
+    assert "refused GET /metrics" in proxy.stderr
+
+
+async def test_cli_on_loopback_prints_no_token(tmp_path: Path) -> None:
+    port = free_port()
+    async with serving([*MODULE, "serve", "--port", str(port)], tmp_path, port) as proxy:
+        assert await proxy.stop() == 0
+    assert "admin token" not in proxy.stderr
+    assert f"dashboard: http://127.0.0.1:{port}/" in proxy.stderr
+
+
 async def test_port_in_use(tmp_path: Path) -> None:
     port = free_port()
     command = [*MODULE, "serve", "--port", str(port)]

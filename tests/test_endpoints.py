@@ -202,7 +202,7 @@ async def test_health_detailed_counters(
 async def test_unknown_path_is_json_404(
     proxy: RunningServer, client: aiohttp.ClientSession
 ) -> None:
-    for method, path in [("GET", "/nope"), ("POST", "/v1/completions"), ("GET", "/")]:
+    for method, path in [("GET", "/nope"), ("POST", "/v1/completions"), ("GET", "/v2")]:
         async with client.request(method, proxy.url + path) as resp:
             assert resp.status == 404
             assert resp.content_type == "application/json"

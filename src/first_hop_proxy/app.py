@@ -12,10 +12,12 @@ from aiohttp import web
 from . import __version__
 from .config import LoadedConfig
 from .config_file import shown
+from .dashboard import add_dashboard_routes
 from .demo import add_demo_routes
 from .errors import json_response
 from .forwarding import chat_completions
 from .log_views import add_log_routes, logging_status
+from .metrics import add_metrics_route
 from .middleware import add_response_headers, front_door
 from .model_list import list_models
 from .redact import masked_url
@@ -79,8 +81,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/health/detailed", health_detailed)
 
 
-def create_app(loaded: LoadedConfig) -> web.Application:
-    """Build the application for one config.
+def create_app(loaded: LoadedConfig, host: str | None = None) -> web.Application:
+    """Build the application for one config, to listen on ``host`` (default ``server.host``).
 
     In demo mode the server points the one upstream at the built-in demo
     upstream once it knows its own port.
@@ -91,7 +93,7 @@ def create_app(loaded: LoadedConfig) -> web.Application:
         middlewares=[front_door()],
         handler_args={"max_field_size": 65536},
     )
-    state = State.build(loaded)
+    state = State.build(loaded, host)
     app[STATE] = state
     app[DRAIN] = drain = Drain(config.server.shutdown_grace_seconds)
     app.on_shutdown.append(drain.on_shutdown)
@@ -99,6 +101,8 @@ def create_app(loaded: LoadedConfig) -> web.Application:
     add_routes(app)
     add_log_routes(app, lambda: (state.request_log, state.error_log))
     add_usage_routes(app, state.usage)
+    add_metrics_route(app)
+    add_dashboard_routes(app)
     if loaded.demo:
         add_demo_routes(app)
 

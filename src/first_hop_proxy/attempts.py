@@ -142,6 +142,7 @@ async def attempt_until_decided(ex: Exchange, attempt: Attempt) -> tuple[Decisio
             raise
         note_outcome(ex, upstream, permit, decision, duration)
         note_attempt(ex, reply, decision, duration)
+        count_attempt(ex, upstream, decision, duration)
         step = pool.record(key, decision, time.time()) if pool and key else Step.STAY
         if decision.action is Action.DELIVER:
             return decision, reply
@@ -261,6 +262,22 @@ def note_outcome(
         ex.tried[upstream.name] = failure_summary(decision)
 
 
+def count_attempt(ex: Exchange, upstream: Upstream, decision: Decision, duration: float) -> None:
+    """The attempt in the running figures and, for whoever watches, the live feed."""
+    state = ex.state
+    action = decision.action
+    state.stats.attempt(
+        upstream.name,
+        action=action.value,
+        duration=duration,
+        retry_reason=ex.last_code if action is Action.RETRY else "",
+        recategorized=decision.recategorized is not None,
+        empty=decision.error_type == "empty_response",
+    )
+    if state.hub.subscribers:
+        state.hub.attempted(ex.record)
+
+
 def note_attempt(ex: Exchange, reply: Reply, decision: Decision, duration: float) -> None:
     """Record one attempt in the request log, and in the error log when it went wrong."""
     recat = decision.recategorized
@@ -311,7 +328,7 @@ def note_attempt(ex: Exchange, reply: Reply, decision: Decision, duration: float
     elif reply.error is None and decision.error_type == "connection_error":
         code = "invalid_json"  # the upstream answered, but not with JSON
     ex.last_problem = problem or decision.reason
-    ex.last_code = str(code)
+    ex.last_code = attempt.code = str(code)
     retrying = decision.action is Action.RETRY
     ex.error_event(
         code,

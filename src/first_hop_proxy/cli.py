@@ -21,23 +21,15 @@ from .config_file import (
     user_config_file,
     write_starter_config,
 )
+from .config_view import effective_config
 from .demo import banner
 from .error_log import log_config_error
-from .redact import Redactor, is_secret_header, masked_url, redact_text
+from .redact import Redactor, redact_text
 from .rewrite import trial
 from .server import RunningServer, event_loop_name, run
-from .state import configured_secrets
+from .state import STATE, configured_secrets
 
 log = logging.getLogger("first_hop_proxy")
-
-
-def mask_secret(value: str) -> str:
-    """Enough to recognize a key, never enough to use it."""
-    scheme, _, token = value.partition(" ")
-    if not token:
-        scheme, token = "", value
-    shown = token[-4:] if len(token) >= 12 else ""
-    return f"{scheme} ***{shown}".strip()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,18 +162,6 @@ def record_config_error(path: Path | None, exc: ConfigError) -> Path | None:
     return log_config_error(folder, exc.problems, source=exc.source)
 
 
-def effective_config(loaded: LoadedConfig) -> dict[str, Any]:
-    """The config as the proxy will use it, safe to paste into a bug report."""
-    data = loaded.config.model_dump(mode="json")
-    for target in [data["target_proxy"], *data["upstreams"]]:
-        target["url"] = masked_url(target["url"]) if target["url"] else ""
-        headers = target["headers"]
-        for name, value in headers.items():
-            if is_secret_header(name):
-                headers[name] = mask_secret(value)
-    return data
-
-
 def check_config(path: Path | None) -> int:
     loaded = load_or_report(path)
     if loaded is None:
@@ -267,6 +247,15 @@ def run_server(
             event_loop_name(),
         )
         log.info("SillyTavern: set the API URL to %s/v1", running.url)
+        log.info("dashboard: %s/", running.url)
+        access = running.runner.app[STATE].access
+        if access.generated:
+            # Printed once, on purpose: it is the only way the person learns it.
+            log.warning(
+                "admin token for the dashboard, /metrics and /logs (new at each start; "
+                "set server.admin_token to keep one): %s",
+                access.admin_token,
+            )
 
     try:
         run(loaded, host, port, on_ready=ready, reload=reload, use_uvloop=use_uvloop)

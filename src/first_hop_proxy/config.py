@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 import regex
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -43,6 +44,7 @@ Positive = Annotated[float, Field(gt=0)]
 ROLES = frozenset({"user", "assistant", "system", "tool", "developer", "all"})
 FLAG_LETTERS = "imsx"
 DEFAULT_PORT = 8765
+MIN_SECRET_LENGTH = 16
 
 # The spec's lists, de-overlapped: in the spec's own defaults the codes it lists
 # twice resolve to fail (411-421) or retry (423-451) anyway, so the behaviour is
@@ -343,6 +345,24 @@ class CircuitBreaker(Section):
     half_open_max_requests: Annotated[int, Field(ge=1)] = 1
 
 
+def check_secret(value: str) -> str:
+    """An admin token or client key: long enough that guessing it is hopeless.
+
+    The value itself is never part of the message: it is a secret.
+    """
+    if len(value) < MIN_SECRET_LENGTH or any(c.isspace() for c in value):
+        raise ValueError(
+            f"must be at least {MIN_SECRET_LENGTH} characters without spaces (got "
+            f'{len(value)}); make one with: python -c "import secrets; '
+            'print(secrets.token_urlsafe())"'
+        )
+    return value
+
+
+Secret = Annotated[str, AfterValidator(check_secret)]
+OptionalSecret = Annotated[str, AfterValidator(lambda v: check_secret(v) if v else v)]
+
+
 class Server(Section):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = DEFAULT_PORT
@@ -355,6 +375,11 @@ class Server(Section):
     uvloop: bool = True
     client_timeout: Positive = 30
     max_connections: Annotated[int, Field(ge=1)] = 2048
+    #: Required on the admin endpoints (dashboard, /metrics, /logs); empty: generated
+    #: at start-up when listening beyond loopback, not required on loopback.
+    admin_token: OptionalSecret = ""
+    #: Client keys the chat endpoints accept; empty: any client.
+    api_keys: list[Secret] = Field(default_factory=list)
 
 
 class Logging(Section):
@@ -620,6 +645,8 @@ def _apply_env_overrides(data: dict[str, Any], env: Mapping[str, str], problems:
             del headers[name]
         headers["Authorization"] = f"Bearer {env['FHP_TARGET_API_KEY']}"
         target["headers"] = headers
+    if env.get("FHP_ADMIN_TOKEN"):
+        section("server")["admin_token"] = env["FHP_ADMIN_TOKEN"]
     if env.get("FHP_HOST"):
         section("server")["host"] = env["FHP_HOST"]
     if env.get("FHP_PORT"):
@@ -779,15 +806,20 @@ def _semantic_warnings(config: Config) -> list[str]:
                 f"{where}.headers.Accept-Encoding: ignored; the proxy asks the upstream "
                 f"only for the encodings it can decode ({ACCEPT_ENCODING})"
             )
-    if not is_local_host(config.server.host) and any(
-        is_secret_header(h) and not is_empty_value(v)
-        for headers in [config.target_proxy.headers, *(u.headers for u in config.upstreams)]
-        for h, v in headers.items()
+    if (
+        not is_local_host(config.server.host)
+        and not config.server.api_keys
+        and any(
+            is_secret_header(h) and not is_empty_value(v)
+            for headers in [config.target_proxy.headers, *(u.headers for u in config.upstreams)]
+            for h, v in headers.items()
+        )
     ):
         warnings.append(
             f"server.host: listening on {config.server.host} exposes the key in "
             "target_proxy.headers to anyone on the network who can reach this port; "
-            "use 127.0.0.1 unless other machines must connect"
+            "use 127.0.0.1 unless other machines must connect, and then set "
+            "server.api_keys so only your clients can use it"
         )
     warnings += _upstream_warnings(config.upstreams)
     if "*" in config.server.cors_origins:

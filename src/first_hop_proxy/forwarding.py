@@ -74,7 +74,7 @@ def parse_chat_request(body: bytes, ex: Exchange) -> ChatRequest | BadRequest:
     return ChatRequest(
         body=body,
         payload=payload,
-        headers=forwardable(ex.request.headers),
+        headers=forwardable(ex.request.headers, ex.settings.access.consumed_headers),
         stream=payload.get("stream") is True,
         model=model if isinstance(model, str) else "",
     )
@@ -92,11 +92,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     )
     ex = Exchange(state, state.settings, request, record)
     drain = request.app[DRAIN]
-    status = 500
+    status, size = 500, 0
     drain.enter(ex)
     try:
         response = await (end_reply(ex) if drain.stopping else handle(ex))
-        status = response.status
+        status, size = response.status, reply_size(response)
         return response
     except web.HTTPException as exc:  # e.g. 413 from reading a body over max_body_mb
         status = exc.status
@@ -115,7 +115,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return response
     finally:
         drain.leave(ex)
-        finish(ex, status)
+        finish(ex, status, size)
+
+
+def reply_size(response: web.StreamResponse) -> int:
+    """Bytes of the reply: a JSON body, or what a finished stream wrote."""
+    if isinstance(response, web.Response):
+        body = response.body
+        return len(body) if isinstance(body, bytes | bytearray) else 0
+    return response.body_length
 
 
 async def handle(ex: Exchange) -> web.StreamResponse:
@@ -128,6 +136,7 @@ async def handle(ex: Exchange) -> web.StreamResponse:
         return bad_request(ex, chat)
     ex.chat = chat
     ex.record.model, ex.record.stream = chat.model, chat.stream
+    ex.state.hub.started(ex.record, ex.redactor)
     upstreams = ex.settings.upstreams
     if not any(u.serves(chat.model) for u in upstreams):
         message = (
@@ -209,8 +218,8 @@ async def rewrite_request(ex: Exchange, chat: ChatRequest) -> BadRequest | None:
     return None
 
 
-def finish(ex: Exchange, status: int) -> None:
-    """The request is over: its log file, and one console line."""
+def finish(ex: Exchange, status: int, size: int = 0) -> None:
+    """The request is over: its figures, the live feed, its log file, one console line."""
     record = ex.record
     if ex.ended_status is not None and ex.ended_status != status:
         record.client_status = status
@@ -219,6 +228,9 @@ def finish(ex: Exchange, status: int) -> None:
     record.outcome = ex.outcome_note
     if ex.outcome_note:
         record.error = record.error or ex.outcome_note
+    upstream = ex.upstream.name if ex.upstream is not None else ""
+    ex.state.stats.request(upstream, status, record.ended_wall or 0.0, record.first_content)
+    ex.state.hub.finished(record, upstream, size, ex.redactor)
     ex.settings.request_log.write(record)
     count_request(ex, status)
     chat = ex.chat

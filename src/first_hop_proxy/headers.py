@@ -70,10 +70,13 @@ def upstream_headers(
     return add_configured(forwardable(client), configured)
 
 
-def forwardable(client: CIMultiDictProxy[str] | Mapping[str, str]) -> CIMultiDict[str]:
+def forwardable(
+    client: CIMultiDictProxy[str] | Mapping[str, str], consumed: frozenset[str] = frozenset()
+) -> CIMultiDict[str]:
     """The client's headers that may go upstream: no hop-by-hop ones, no Accept-Encoding,
-    no placeholder key."""
-    drop = REQUEST_DROP | _connection_named(client)
+    no placeholder key, none of ``consumed`` (lower-case names the proxy used itself, such
+    as a client key)."""
+    drop = REQUEST_DROP | _connection_named(client) | consumed
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in client.items():
         lower = name.lower()

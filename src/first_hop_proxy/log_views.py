@@ -13,6 +13,7 @@ import os
 import re
 import stat
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -160,16 +161,29 @@ class LogViews:
 
     async def request_file(self, request: web.Request) -> web.Response:
         """``GET /logs/requests/{request_id}``: one request log as text."""
-        request_id = request.match_info["request_id"]
-        if not safe_log_name(request, request_id, _SAFE_ID):
-            return error_response(400, "invalid request id", INVALID, "invalid_request_id")
-        path = self.request_log.path_for(request_id)
-        content = None
-        if path is not None:
-            content = await asyncio.to_thread(read_log_file, path.parent, path.name)
+        path = find_request_log(request, self.request_log)
+        if isinstance(path, web.Response):
+            return path
+        content = await asyncio.to_thread(read_log_file, path.parent, path.name)
         if content is None:
-            return error_response(404, f"no request log for {request_id}", INVALID, "log_not_found")
+            return not_logged(request)
         return _text_response(content)
+
+
+def not_logged(request: web.Request) -> web.Response:
+    request_id = request.match_info["request_id"]
+    return error_response(404, f"no request log for {request_id}", INVALID, "log_not_found")
+
+
+def find_request_log(request: web.Request, request_log: RequestLog) -> Path | web.Response:
+    """The log file of the request id in the URL, or the 400/404 to answer instead."""
+    request_id = request.match_info["request_id"]
+    if not safe_log_name(request, request_id, _SAFE_ID):
+        return error_response(400, "invalid request id", INVALID, "invalid_request_id")
+    path = request_log.path_for(request_id)
+    if path is None:
+        return not_logged(request)
+    return path
 
 
 def add_log_routes(app: web.Application, logs: Callable[[], tuple[RequestLog, ErrorLog]]) -> None:

@@ -13,11 +13,12 @@ from random import getrandbits
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from .access import REALM
 from .demo import DEMO_PREFIX
 from .error_log import ErrorEvent
 from .errors import error_response
 from .guard import PUBLIC_PATHS
-from .redact import redact_text
+from .redact import is_secret_header, redact_text
 from .state import REQUEST_ID, STATE
 
 log = logging.getLogger("first_hop_proxy")
@@ -65,6 +66,8 @@ def front_door() -> Middleware:
 
     - every request gets an id, sent back in ``X-Request-ID``;
     - the guard (:mod:`guard`): a foreign ``Host`` gets 421, a foreign page 403;
+    - the locks (:mod:`access`): the admin token on the admin routes, the
+      client keys (``server.api_keys``) on the chat endpoints;
     - CORS: the allowed origin is remembered on the request and
       :func:`add_response_headers` puts it on the response (streams too);
       preflights are answered here;
@@ -78,18 +81,22 @@ def front_door() -> Middleware:
         state = request.app[STATE]
         guard = state.guard
         headers = request.headers
+        path = request.path
         host, origin = headers.get("Host"), headers.get("Origin")
         if not guard.host_allowed(host):
             return refuse(request, 421, foreign_host_message(host or ""), "host_not_allowed")
-        if request.path not in PUBLIC_PATHS and not guard.origin_allowed(
+        if path not in PUBLIC_PATHS and not guard.origin_allowed(
             origin, headers.get("Sec-Fetch-Site"), host
         ):
             return refuse(request, 403, foreign_origin_message(origin), "origin_not_allowed")
-        allow = guard.cors_origin(origin, request.path)
+        allow = guard.cors_origin(origin, path)
         if allow is not None:
             request[CORS_ORIGIN] = allow
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in headers:
             return preflight(request)
+        locked = state.access.refusal(path, headers)
+        if locked is not None:
+            return refuse(request, *locked)
         counters = state.counters if is_chat_request(request) else None
         if counters is not None:
             counters.requests += 1
@@ -140,21 +147,26 @@ def foreign_origin_message(origin: str | None) -> str:
 
 
 def refuse(request: web.Request, status: int, message: str, code: str) -> web.Response:
-    """A guard refusal: logged (one error log each), answered with a JSON error."""
+    """A refusal (guard or lock): counted, logged without any credential the request
+    carried, answered with a JSON error; a 401 says how to authenticate."""
     state = request.app[STATE]
-    state.error_log.log(
+    state.access.refused(
+        state,
         ErrorEvent(
             code,
-            "Forbidden",
+            "Unauthorized" if status == 401 else "Forbidden",
             message,
             status_code=status,
             request_id=request_id_of(request),
             method=request.method,
-            path=request.path,
+            path=request.path[:200],
             client=request.remote,
-            headers=request.headers.copy(),
-        )
+            headers={k: v for k, v in request.headers.items() if not is_secret_header(k)},
+        ),
     )
+    if status == 401:
+        challenge = {"WWW-Authenticate": f'Bearer realm="{REALM}"'}
+        return error_response(status, message, "authentication_error", code, headers=challenge)
     return error_response(status, message, "invalid_request_error", code)
 
 
@@ -171,7 +183,8 @@ def http_error(exc: web.HTTPException, request: web.Request) -> web.Response:
     if exc.status == 404:
         message = (
             f"No such endpoint: {request.method} {request.path}. This proxy serves "
-            "POST /v1/chat/completions, GET /v1/models, GET /health and GET /health/detailed."
+            "POST /v1/chat/completions, GET /v1/models, GET /health, GET /health/detailed, "
+            "the dashboard at / and GET /metrics."
         )
         return error_response(404, message, "invalid_request_error", "not_found")
     if exc.status == 405:

@@ -97,7 +97,9 @@ async def list_models(request: web.Request) -> web.Response:
     if request.method == "HEAD":  # a probe: answered from what is known, no upstream call
         answers = [(u.last_models, "cache") for u in asked]
     else:
-        auth = request.headers.get("Authorization", "")
+        # A client key that is one of server.api_keys is the proxy's, not the upstream's.
+        consumed = "authorization" in state.access.consumed_headers
+        auth = "" if consumed else request.headers.get("Authorization", "")
         answers = await asyncio.gather(*(fetch_list(state.session, u, auth) for u in asked))
     if len(asked) == 1 and not asked[0].model_map and asked[0].patterns is None:
         raw, source = answers[0]

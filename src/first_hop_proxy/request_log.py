@@ -59,6 +59,7 @@ class AttemptRecord:
     #: or a stream's events before the failure): the story of why it was retried.
     reply: bytes = b""
     note: str = ""
+    code: str = ""  # a failed attempt's status or failure kind (``timeout``, ``empty_response``)
 
 
 @dataclass

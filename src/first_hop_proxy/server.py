@@ -92,7 +92,7 @@ async def start(
     server = loaded.config.server
     host = host or server.host
     port = server.port if port is None else port
-    app = create_app(loaded)
+    app = create_app(loaded, host)
     cap = connection_cap(server.max_connections, open_files_limit())
     if cap < server.max_connections:
         log.warning(

@@ -19,17 +19,20 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from .access import Access
 from .breaker import Transition
 from .config import Config, LoadedConfig
 from .config import Upstream as UpstreamConfig
 from .decisions import Policy
 from .error_log import ErrorEvent, ErrorLog
+from .events import EventHub
 from .guard import Guard
 from .headers import ACCEPT_ENCODING
 from .redact import Redactor, header_secrets, masked_url, url_secrets
 from .request_log import RequestLog
 from .rewrite import Rewriter
 from .routing import start_order
+from .stats import Stats
 from .upstreams import Upstream, build_upstreams
 from .usage import UsageTotals
 from .writer import LogWriter
@@ -38,15 +41,17 @@ log = logging.getLogger("first_hop_proxy")
 
 
 def configured_secrets(config: Config) -> list[str]:
-    """The keys in the config: key pools, credential headers, key-like values in the URLs."""
+    """The keys in the config: key pools, credential headers, key-like values in the URLs,
+    the admin token and the client keys."""
     target = config.target_proxy
     places = [(u.keys, u.headers, u.url) for u in config.upstreams]
     places.append((target.keys, target.headers, target.url))
+    server = config.server
     return [
         secret
         for keys, headers, url in places
         for secret in (*keys, *header_secrets(headers), *url_secrets(url))
-    ]
+    ] + [s for s in (server.admin_token, *server.api_keys) if s]
 
 
 @dataclass(eq=False)
@@ -76,6 +81,7 @@ class Settings:
     rewriter: Rewriter
     redactor: Redactor
     guard: Guard
+    access: Access
     upstreams: tuple[Upstream, ...]
     request_log: RequestLog
     error_log: ErrorLog
@@ -83,15 +89,26 @@ class Settings:
 
     @classmethod
     def build(
-        cls, loaded: LoadedConfig, writer: LogWriter, previous: Settings | None = None
+        cls,
+        loaded: LoadedConfig,
+        writer: LogWriter,
+        previous: Settings | None = None,
+        host: str | None = None,
     ) -> Settings:
-        """Compile ``loaded``; with ``previous`` (a reload), breakers and logs carry over."""
+        """Compile ``loaded``; with ``previous`` (a reload), breakers and logs carry over.
+
+        ``host``: where the proxy listens (default: where it listened before, else
+        ``server.host``); beyond loopback the admin routes need a token.
+        """
         config = loaded.config
+        before = previous.access if previous is not None else None
+        host = host or (before.host if before is not None else config.server.host)
+        access = Access.from_config(config.server, host, before)
         upstreams = config.upstreams
         if loaded.demo:  # the built-in demo upstream; the server sets its URL when it listens
             demo_url = previous.upstreams[0].url if previous and previous.loaded.demo else ""
             upstreams = [UpstreamConfig(name="demo", url=demo_url or "http://127.0.0.1:1/")]
-        redactor = Redactor(configured_secrets(config))
+        redactor = Redactor([*configured_secrets(config), *access.secrets])
         old = previous.upstreams if previous is not None else ()
         request_log = error_log = None
         if previous is not None:
@@ -107,6 +124,7 @@ class Settings:
             rewriter=Rewriter.from_config(config),
             redactor=redactor,
             guard=Guard.from_config(config.server),
+            access=access,
             upstreams=build_upstreams(upstreams, config.circuit_breaker, old),
             request_log=request_log or RequestLog(config.logging, writer, redactor),
             error_log=error_log or ErrorLog(config.error_logging, writer, redactor),
@@ -140,6 +158,8 @@ class State:
     writer: LogWriter
     started: float = field(default_factory=time.monotonic)
     counters: Counters = field(default_factory=Counters)
+    stats: Stats = field(default_factory=Stats)  # the dashboard's and /metrics' figures
+    hub: EventHub = field(default_factory=EventHub)  # the dashboard's live feed
     rotation: int = 0  # round robin: where the next request starts
     usage: UsageTotals = field(init=False)
     _session: aiohttp.ClientSession | None = None
@@ -148,10 +168,13 @@ class State:
         self.usage = UsageTotals(lambda: self.config.usage, self.usage_write_failure)
 
     @classmethod
-    def build(cls, loaded: LoadedConfig) -> State:
-        """Compile everything a config implies, once, before the first request."""
+    def build(cls, loaded: LoadedConfig, host: str | None = None) -> State:
+        """Compile everything a config implies, once, before the first request.
+
+        ``host``: where the proxy listens (default ``server.host``).
+        """
         writer = LogWriter()
-        state = cls(settings=Settings.build(loaded, writer), writer=writer)
+        state = cls(settings=Settings.build(loaded, writer, host=host), writer=writer)
         writer.on_failure = state.log_write_failure
         return state
 
@@ -175,6 +198,10 @@ class State:
     @property
     def guard(self) -> Guard:
         return self.settings.guard
+
+    @property
+    def access(self) -> Access:
+        return self.settings.access
 
     @property
     def upstreams(self) -> tuple[Upstream, ...]:

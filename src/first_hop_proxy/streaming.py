@@ -562,6 +562,7 @@ async def error_after_content(ex: Exchange, event: bytes) -> Break | None:
     )
     what = f"error event: {ex.record.error}"
     if decision.action is Action.HARD_STOP:
+        ex.state.stats.hard_stops += 1
         told = failure_body(ex, decision)
         return Break("error_event", what, "", "hard_stop_error", resumable=False, told=told)
     said = f": {decision.upstream_message}" if decision.upstream_message else ""
