@@ -69,19 +69,12 @@ def request(stats: Stats | None, hub: EventHub | None, retried: bool) -> Callabl
                 code="503",
             )
             if stats is not None and hub is not None:
-                stats.attempt(
-                    "default",
-                    action="retry",
-                    failed=True,
-                    duration=0.2,
-                    now=now,
-                    retry_reason="503",
-                )
+                stats.attempt("default", action="retry", duration=0.2, retry_reason="503")
                 if hub.subscribers:
                     hub.attempted(record)
         record.add_attempt(status=200, duration=0.4, action="deliver", reason="good reply")
         if stats is not None and hub is not None:
-            stats.attempt("default", action="deliver", failed=False, duration=0.4, now=now)
+            stats.attempt("default", action="deliver", duration=0.4)
             if hub.subscribers:
                 hub.attempted(record)
         record.first_content = 0.3

@@ -182,6 +182,19 @@ async def test_beyond_loopback_a_token_is_generated(
         await wide.close()
 
 
+def test_a_config_reload_keeps_a_generated_token() -> None:
+    """The person was told the generated token once: a reload must not change it."""
+    wide = parse_config({}, base_dir=Path.cwd(), env={}).config.server
+    first = access.Access.from_config(wide, "0.0.0.0")
+    assert first.generated and first.admin_token
+    again = access.Access.from_config(wide, "0.0.0.0", first)
+    assert again.admin_token == first.admin_token
+    configured = parse_config({"server": {"admin_token": TOKEN}}, base_dir=Path.cwd(), env={})
+    chosen = access.Access.from_config(configured.config.server, "0.0.0.0", first)
+    assert chosen.admin_token == TOKEN and not chosen.generated
+    assert access.Access.from_config(wide, "127.0.0.1").admin_token is None
+
+
 async def test_api_keys_lock_the_chat_endpoints(
     start_proxy: StartProxy,
     client: aiohttp.ClientSession,

@@ -19,7 +19,7 @@ from first_hop_proxy.redact import Redactor
 from first_hop_proxy.request_log import RequestRecord
 from first_hop_proxy.server import RunningServer
 
-from .conftest import StartProxy, chat_body
+from .conftest import StartProxy, chat_body, free_port
 from .fake_upstream import FakeUpstream, Json, Sse, text_chunks
 from .log_helpers import settle, state_of
 
@@ -274,6 +274,39 @@ async def test_health_shows_an_open_breaker(
     assert health["status"] == "degraded"
     assert sum(m["failures"] for m in health["per_minute"]) == 1
     assert health["logging"]["writer"]["dropped"] == 0
+
+
+async def test_several_upstreams_each_have_their_figures(
+    start_proxy: StartProxy, upstream: FakeUpstream, client: aiohttp.ClientSession
+) -> None:
+    """A request that fails over shows where it went; health and /metrics list each one."""
+    down = f"http://127.0.0.1:{free_port()}/v1/chat/completions"
+    proxy = await start_proxy(
+        {
+            "target_proxy": {"url": ""},
+            "upstreams": [
+                {"name": "down", "url": down},
+                {"name": "good", "url": upstream.chat_url},
+            ],
+            "circuit_breaker": {"failure_threshold": 1},
+        }
+    )
+    feed = await open_feed(client, proxy)
+    async with client.post(proxy.url + "/v1/chat/completions", json=chat_body()) as resp:
+        assert resp.status == 200
+    _, done = await feed.until(lambda k, d: k == "request" and d["state"] == "done")
+    assert done["upstream"] == "good"
+    assert [a["upstream"] for a in done["attempts"]] == ["down", "good"]
+    _, health = await feed.until(lambda k, d: k == "health")
+    by_name = {u["name"]: u for u in health["upstreams"]}
+    assert by_name["down"]["circuit_breaker"]["state"] == "open"
+    assert by_name["good"]["last_5_minutes"]["success_rate"] == 1.0
+    feed.resp.close()
+    async with client.get(proxy.url + "/metrics") as resp:
+        text = await resp.text()
+    assert 'first_hop_proxy_circuit_breaker_state{state="open",upstream="down"} 1.0' in text
+    assert 'first_hop_proxy_requests_total{status="200",upstream="good"} 1.0' in text
+    assert 'first_hop_proxy_upstream_latency_seconds_count{upstream="down"} 1.0' in text
 
 
 STATIC = resources.files("first_hop_proxy.dashboard") / "static"

@@ -419,8 +419,10 @@
   function timeline(attempts) {
     if (!attempts.length) return el("p", { class: "muted", text: "No upstream attempt was made (the request was refused or failed before it)." });
     const ol = el("ol", { class: "timeline" });
+    const several = new Set(attempts.map((a) => a.upstream || "")).size > 1;
     for (const a of attempts) {
-      const what = `#${a.n} · ${a.status ?? "no reply"} · ${a.action || "?"}`;
+      const where = several && a.upstream ? `${a.upstream} · ` : "";
+      const what = `#${a.n} · ${where}${a.status ?? "no reply"} · ${a.action || "?"}`;
       const li = el("li", { class: a.action || "", "data-action": a.action || "" },
         el("div", { class: "what", text: what }, a.duration !== null && a.duration !== undefined ? el("span", { class: "muted", text: ` in ${seconds(a.duration)}` }) : null),
         a.reason ? el("div", { text: a.reason }) : null,
