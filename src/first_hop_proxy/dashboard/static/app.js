@@ -163,7 +163,8 @@
     );
   }
 
-  function upsert(s) {
+  // live: from a "request" event (not a snapshot being replayed).
+  function upsert(s, live) {
     let row = rows.get(s.id);
     if (!row) {
       row = { tr: el("tr"), data: s };
@@ -177,7 +178,8 @@
     }
     row.data = s;
     renderRow(row.tr, s);
-    if (s.state === "done" && !$("#tab-errors").hidden && (isFailure(s.status) || (s.attempts || []).length > 1)) {
+    const eventful = isFailure(s.status) || (s.attempts || []).length > 1;
+    if (live && s.state === "done" && !$("#tab-errors").hidden && eventful) {
       clearTimeout(errorsTimer);
       errorsTimer = setTimeout(loadErrors, 500); // once the error logs are on disk
     }
@@ -356,7 +358,7 @@
       return;
     }
     if (kind === "snapshot") applySnapshot(value);
-    else if (kind === "request") upsert(value);
+    else if (kind === "request") upsert(value, true);
     else if (kind === "health") renderHealth(value);
   }
 
@@ -501,6 +503,7 @@
       renderRequestLog(story, await response.json());
       return;
     }
+    story.append(el("p", { class: "muted", text: "Its log file is not on disk yet (the log writer may be behind, or dropped it); try again in a moment." }));
   }
 
   async function renderRequestLog(story, d) {
