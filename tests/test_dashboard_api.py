@@ -125,6 +125,23 @@ async def test_failed_requests_carry_their_error_masked(
     feed.resp.close()
 
 
+async def test_a_key_sent_as_the_model_name_is_masked(
+    proxy: RunningServer, client: aiohttp.ClientSession
+) -> None:
+    feed = await open_feed(client, proxy)
+    await feed.next()
+    body = chat_body(model=KEY)
+    async with client.post(proxy.url + "/v1/chat/completions", json=body) as resp:
+        await resp.read()
+    _, done = await feed.until(lambda k, d: k == "request" and d["state"] == "done")
+    assert done["model"] and KEY not in done["model"]
+    feed.resp.close()
+    feed = await open_feed(client, proxy)
+    _, snapshot = await feed.next()
+    assert KEY not in orjson.dumps(snapshot).decode()
+    feed.resp.close()
+
+
 async def test_watchers_are_capped(
     proxy: RunningServer, client: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:

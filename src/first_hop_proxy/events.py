@@ -132,6 +132,9 @@ class EventHub:
         self.recent: deque[Summary] = deque(maxlen=recent)
         self.subscribers: set[Subscriber] = set()
         self.finished_count = 0  # tells a watcher that the health figures moved
+        #: Masks the model name a client sent (it could be anything) as it leaves: the
+        #: proxy's current redactor, set by the state.
+        self.mask: Callable[[str], str] = str
 
     def subscribe(self) -> Subscriber | None:
         """A new subscriber, or None when :data:`MAX_SUBSCRIBERS` already watch."""
@@ -156,11 +159,16 @@ class EventHub:
 
     def snapshot(self) -> Summary:
         """What a page shows when it opens: running requests and the recent ones."""
-        running = [r.summary() for r in self.running.values()]
-        return {"running": running, "recent": list(self.recent)}
+        running = [self._shown(r.summary()) for r in self.running.values()]
+        return {"running": running, "recent": [self._shown(s) for s in self.recent]}
+
+    def _shown(self, summary: Summary) -> Summary:
+        model = summary.get("model")
+        return {**summary, "model": self.mask(model)} if model else summary
 
     def _publish(self, kind: str, summary: Summary) -> None:
-        data = b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(summary) + b"\n\n"
+        shown = self._shown(summary)
+        data = b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(shown) + b"\n\n"
         for subscriber in self.subscribers:
             subscriber.put(data)
 

@@ -176,6 +176,7 @@ class State:
         writer = LogWriter()
         state = cls(settings=Settings.build(loaded, writer, host=host), writer=writer)
         writer.on_failure = state.log_write_failure
+        state.hub.mask = lambda text: state.redactor.text(text)  # the current one, reloads too
         return state
 
     # The current settings' parts, for code that does not serve one request.
