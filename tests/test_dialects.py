@@ -402,3 +402,14 @@ async def test_top_level_proxy_error_reaches_the_person(
     status, raw = await post(proxy, chat_body())
     assert status == 403
     assert "Upstream said: Your token is not valid." in orjson.loads(raw)["error"]["message"]
+
+
+def test_title_answers_are_remembered_but_bounded() -> None:
+    title = Title()
+    assert title.matches(" Proxy error (HTTP 429 Too Many Requests) ")
+    assert title.matches("Proxy error (HTTP 429 Too Many Requests)")  # remembered, same answer
+    assert not title.matches("stop") and not title.matches("stop")
+    for n in range(1_000):  # an upstream inventing finish reasons cannot grow it
+        assert not title.matches(f"reason {n}")
+    assert len(title._seen) <= 256
+    assert title.matches("proxy error") and not title.matches("length")

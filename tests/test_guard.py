@@ -195,3 +195,15 @@ def test_listening_beyond_loopback_admits_the_machine_name() -> None:
     assert guard.host_allowed(f"{name}:8765")
     assert guard.host_allowed("192.168.1.20:8765")
     assert not guard.host_allowed("evil.example")
+
+
+def test_host_check_is_remembered_per_host_and_still_exact() -> None:
+    guard = Guard(frozenset({"my-pc"}), frozenset())
+    for _ in range(3):
+        assert guard.host_allowed("127.0.0.1:5000")
+        assert guard.host_allowed("[::1]:5000")
+        assert guard.host_allowed("LocalHost.")
+        assert guard.host_allowed("my-pc:5000")
+        assert not guard.host_allowed("evil.example:5000")
+    for n in range(500):  # many hosts: answers stay right, the memory bounded
+        assert not guard.host_allowed(f"rebind{n}.example")

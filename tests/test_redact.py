@@ -450,3 +450,19 @@ def test_a_word_before_a_key_is_kept() -> None:
     secret = key("ghp_", 36)
     assert redact_text(f"Bearer {secret}") == f"Bearer ghp…{secret[-4:]}"
     assert redact_text(f'{{"token": "{secret}"}}') == f'{{"token": "ghp…{secret[-4:]}"}}'
+
+
+def test_a_redactor_with_a_client_key_is_made_once_per_key_and_bounded() -> None:
+    base = Redactor(["configured-secret-123456"])
+    key = random_key("sk-")
+    first = base.with_secrets([key])
+    assert base.with_secrets([key]) is first  # the same client key: the same redactor
+    assert key not in first.text(f"said {key}") and "configured-secret-123456" not in first.text(
+        "configured-secret-123456"
+    )
+    assert base.with_secrets([""]) is base
+    others = [base.with_secrets([random_key("sk-")]) for _ in range(200)]
+    assert len(base._derived) <= 64
+    assert others[-1] is not first
+    again = base.with_secrets([key])  # made again after the bound cleared it: still masks
+    assert key not in again.text(key)
