@@ -578,7 +578,12 @@ def clip(text: str, limit: int, mask_secrets: Callable[[str], str] = redact_text
     The one way a text is shortened for an error body, a log or the console:
     cutting first could leave a stump of a key that no masking recognizes.
     """
-    text = _SPACE.sub(" ", mask_secrets(text)).strip()
+    text = mask_secrets(text)
+    # Printable text has no whitespace but single spaces unless it holds two in a
+    # row: then there is nothing to fold (most texts; the regex call is not free).
+    if not text.isprintable() or "  " in text:
+        text = _SPACE.sub(" ", text)
+    text = text.strip()
     if len(text) > limit:
         return text[: limit - 1].rstrip() + ELLIPSIS
     return text
