@@ -293,14 +293,14 @@ class Policy:
     quota_cooldown: float = 3600.0
     hard_stop_timeout: float = 0.1
     recategorization_timeout: float = 0.1
+    #: A hard-stop or recategorization pattern may take up to its time limit: the
+    #: shell then decides off the event loop. Worked out once (asked every attempt).
+    can_run_away: bool = field(init=False, default=False)
 
-    @property
-    def can_run_away(self) -> bool:
-        """A hard-stop or recategorization pattern may take up to its time limit:
-        the shell then decides off the event loop."""
+    def __post_init__(self) -> None:
         rules: tuple[_Compiled, ...] = (*self.hard_stops, *self.recategorize_any)
         rules += tuple(r for group in self.recategorize_by_status.values() for r in group)
-        return not all(r.bounded for r in rules)
+        object.__setattr__(self, "can_run_away", not all(r.bounded for r in rules))
 
     @classmethod
     def from_config(cls, config: Config) -> Policy:

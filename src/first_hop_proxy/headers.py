@@ -40,7 +40,10 @@ RESPONSE_DROP = HOP_BY_HOP | {"content-encoding", "x-request-id", "date", "serve
 
 def _connection_named(headers: Mapping[str, str]) -> set[str]:
     """The header names listed in ``Connection`` (which may be sent more than once)."""
-    values = [v for k, v in headers.items() if k.lower() == "connection"]
+    if isinstance(headers, CIMultiDictProxy | CIMultiDict):  # a client's: found by hash
+        values = headers.getall("Connection", ())
+    else:
+        values = [v for k, v in headers.items() if k.lower() == "connection"]
     return {name.strip().lower() for value in values for name in value.split(",") if name.strip()}
 
 

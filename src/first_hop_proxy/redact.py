@@ -24,6 +24,9 @@ MIN_MASKED_LENGTH = 12
 MIN_KNOWN_SECRET = 8
 #: Redactors derived with a client's secrets that one redactor keeps (see ``with_secrets``).
 _DERIVED_KEPT = 64
+#: Texts up to this long that one redactor remembers masked, and how many (see ``text``).
+_SHORT_TEXT = 200
+_SHORT_KEPT = 512
 MAX_VISIBLE = 7
 #: The shortest start of a known secret masked when a text ends with it: what a
 #: cut through the key would leave behind.
@@ -339,6 +342,7 @@ class Redactor:
             sorted(known.items(), key=lambda item: len(item[0]), reverse=True)
         )
         self._derived: dict[tuple[str, ...], Redactor] = {}
+        self._short: dict[str, str] = {}
 
     def with_secrets(self, extra_secrets: Iterable[str]) -> Redactor:
         """A redactor that also masks ``extra_secrets``.
@@ -359,8 +363,20 @@ class Redactor:
         return derived
 
     def text(self, text: str) -> str:
-        """Mask known secrets and key-shaped strings anywhere in ``text``."""
-        return self._text(text, self._known, _HINTS)
+        """Mask known secrets and key-shaped strings anywhere in ``text``.
+
+        Short texts are remembered (bounded): the same model name or header
+        value is masked for every request's console line and log.
+        """
+        if len(text) > _SHORT_TEXT:
+            return self._text(text, self._known, _HINTS)
+        masked = self._short.get(text)
+        if masked is None:
+            masked = self._text(text, self._known, _HINTS)
+            if len(self._short) >= _SHORT_KEPT:
+                self._short.clear()
+            self._short[text] = masked
+        return masked
 
     def url(self, url: str) -> str:
         """Mask key-like query values and ``user:password@`` credentials in ``url``."""
