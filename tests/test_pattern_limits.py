@@ -3,16 +3,18 @@ the decision core masks upstream texts before it cuts them."""
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+import regex  # type: ignore[import-untyped, unused-ignore]
 
 from first_hop_proxy.config import Config, parse_config
 from first_hop_proxy.decisions import MESSAGE_LIMIT, Action, History, Outcome, Policy, decide
-from first_hop_proxy.patterns import RuleTimeout, nested_repetition
+from first_hop_proxy.patterns import RuleTimeout, nested_repetition, required_literal
 from first_hop_proxy.redact import Redactor, mask
 
 from .keys import assert_no_leak, random_key
@@ -185,3 +187,106 @@ def test_title_of_an_error_sent_as_a_reply_masked_before_it_is_cut() -> None:
     assert decision.action is not Action.DELIVER
     assert_no_leak(decision.upstream_message, client_key)
     assert mask(client_key) in decision.upstream_message
+
+
+@pytest.mark.parametrize(
+    ("pattern", "needle"),
+    [
+        (
+            "googleAIBlockingResponseHandler.*Cannot read properties",
+            "googleAIBlockingResponseHandler",
+        ),
+        ("model.*capacity", "capacity"),
+        ("ab*cde", "cde"),  # the b may be absent: it ends the run before it
+        ("rate.limit(ed)?\\s+exceeded", "exceeded"),
+        (r"foo\.bar.*baz", "foo.bar"),  # an escaped dot is a dot
+        ("hello{2,}", "hell"),
+        ("abc+?xyz", "xyz"),  # a lazy quantifier: its "?" is not another quantifier
+        ("x{3}yz", None),  # two characters are too few to tell texts apart
+        ("a|bcd", None),  # another branch need not contain it
+        ("(x|xx)+$", None),
+        ("(?i)hello world", None),  # inline flags are not followed
+        ("(?P<name>abc)def", None),
+        ("[abc]+", None),
+        ("(abc", None),
+        ("abc)", None),
+    ],
+)
+def test_required_literal(pattern: str, needle: str | None) -> None:
+    assert required_literal(pattern) == needle
+
+
+@pytest.mark.parametrize(
+    ("pattern", "example"),
+    [
+        ("ab*cde", "abbcde"),
+        ("a.b+cdd?eff", "axbbcdeff"),
+        ("(ab)?cdde+f", "abcddeef"),
+        ("xy[ab]zz.*qqq", "xyazz--qqq"),
+        ("c?ddd(e|f)+ggg", "cdddefggg"),
+        (r"ab\.c*de", "ab.ccde"),
+    ],
+)
+def test_every_match_contains_the_required_literal(pattern: str, example: str) -> None:
+    """Texts made by mutating a match at random: wherever the pattern matches one, the
+    literal is in the match."""
+    needle = required_literal(pattern)
+    assert needle is not None
+    compiled = regex.compile(pattern)
+    assert compiled.fullmatch(example)
+    alphabet = sorted(set(example))
+    rng = random.Random(1)
+    matched = 0
+    for _ in range(3000):
+        text = list(example)
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(len(text) + 1)
+            kind = rng.random()
+            if kind < 0.4 and text:
+                del text[min(at, len(text) - 1)]
+            elif kind < 0.8:
+                text.insert(at, rng.choice(alphabet))
+            elif text:
+                text.insert(at, text[min(at, len(text) - 1)])  # a doubled character
+        found = compiled.search("".join(text))
+        if found is not None:
+            matched += 1
+            assert needle in found.group(), (pattern, text)
+    assert matched > 100, matched  # the check did check something
+
+
+def policy_with(patterns: list[str], flags: str = "") -> Policy:
+    return policy(
+        error_handling={
+            "hard_stop_conditions": {
+                "rules": [{"pattern": p, "flags": flags} for p in patterns],
+            }
+        }
+    )
+
+
+def test_a_reply_without_a_runaway_patterns_literal_is_judged_on_the_event_loop() -> None:
+    stops = policy_with(["googleAIBlocking.*Cannot read properties", "model.*capacity"], "i")
+    assert stops.can_run_away
+    plain = '{"choices": [{"message": {"content": "The night was calm."}}]}'
+    assert not stops.may_run_away(Outcome(status=200, body=plain))
+    for body in (
+        '{"error": "MODEL at CAPACITY"}',  # the patterns ignore case
+        '{"error": "x: cannot read PROPERTIES of undefined"}',
+        '{"error": "\\u0063apacity"}',  # an escape could spell it: the worker thread
+        '{"error": "caf\u00e9"}',  # case folding beyond ASCII: the worker thread
+    ):
+        assert stops.may_run_away(Outcome(status=500, body=body)), body
+    assert stops.may_run_away(Outcome(status=200, body=plain, stream_error_event="capacity!"))
+    # What is judged inline is judged the same: the pattern still runs, under its limit.
+    decision = decide(Outcome(status=500, body='{"error": "model at capacity"}'), History(), stops)
+    assert decision.action is Action.HARD_STOP
+
+
+def test_a_runaway_pattern_without_a_literal_always_goes_to_the_worker_thread() -> None:
+    assert RUNAWAY.run_away_needles is None
+    assert RUNAWAY.may_run_away(Outcome(status=200, body="{}"))
+    no_quotes = policy_with(['said ".*"'])  # a quote can be escaped in the raw JSON
+    assert no_quotes.may_run_away(Outcome(status=200, body="{}"))
+    bounded = policy_with(["The model is overloaded"])
+    assert not bounded.can_run_away and not bounded.may_run_away(Outcome(status=500, body="x"))

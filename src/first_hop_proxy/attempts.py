@@ -70,7 +70,7 @@ async def judge(ex: Exchange, outcome: Outcome, history: History) -> Decision:
     call = functools.partial(
         decide, outcome, history, policy, jitter=random.random(), now=time.time(), mask=ex.mask
     )
-    decision = await asyncio.to_thread(call) if policy.can_run_away else call()
+    decision = await asyncio.to_thread(call) if policy.may_run_away(outcome) else call()
     if decision.timeouts:
         ex.rule_timeouts(list(decision.timeouts))
     return decision

@@ -38,7 +38,7 @@ import regex  # type: ignore[import-untyped, unused-ignore]
 from first_hop_proxy.backoff import delay_for, retry_after_from_headers
 from first_hop_proxy.config import Config, HardStopRule, RecategorizationRule
 from first_hop_proxy.dialects import Disguised, Title, disguised_error
-from first_hop_proxy.patterns import RuleTimeout, bounded
+from first_hop_proxy.patterns import RuleTimeout, bounded, required_literal
 from first_hop_proxy.quotas import (
     body_retry_delay,
     daily_quota,
@@ -251,6 +251,30 @@ class _Compiled:
         return self.pattern.search(text, 0, SCAN_LIMIT, timeout=timeout) is not None
 
 
+#: Pattern flags the literal scan does not follow (comments, version 1 syntax, full case folding).
+_UNSCANNED_FLAGS: Final = regex.VERBOSE | regex.VERSION1 | regex.FULLCASE
+
+
+def _needle(pattern: Any) -> str | None:
+    """The compiled ``pattern``'s required literal, lower-cased when it ignores case;
+    None when there is none a raw JSON text is sure to show as is.
+
+    Matches are looked for in texts decoded from JSON too (the configured JSON
+    paths). Without ``\\u`` escapes in the raw text (checked per outcome), only
+    ``"``, ``\\``, ``/`` and control characters can be spelled differently there.
+    A case-blind needle is ASCII, checked against ASCII texts only: elsewhere
+    case folding has surprises (``\u017f`` matches ``s``).
+    """
+    if pattern.flags & _UNSCANNED_FLAGS:
+        return None
+    needle = required_literal(pattern.pattern)
+    if needle is None or any(c in '"\\/' or c < " " for c in needle):
+        return None
+    if pattern.flags & regex.IGNORECASE:
+        return needle.lower() if needle.isascii() else None
+    return needle
+
+
 @dataclass(frozen=True, slots=True)
 class _HardStop(_Compiled):
     rule: HardStopRule
@@ -296,11 +320,48 @@ class Policy:
     #: A hard-stop or recategorization pattern may take up to its time limit: the
     #: shell then decides off the event loop. Worked out once (asked every attempt).
     can_run_away: bool = field(init=False, default=False)
+    #: What each pattern that can run away needs to find in a text to match it
+    #: (:func:`patterns.required_literal`); None when one of them has no such literal.
+    run_away_needles: tuple[str, ...] | None = field(init=False, default=None)
+    #: Some of those patterns ignore case: every needle is lower-case, looked for in
+    #: the text lower-cased.
+    run_away_blind: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         rules: tuple[_Compiled, ...] = (*self.hard_stops, *self.recategorize_any)
         rules += tuple(r for group in self.recategorize_by_status.values() for r in group)
-        object.__setattr__(self, "can_run_away", not all(r.bounded for r in rules))
+        unbounded = [r for r in rules if not r.bounded]
+        object.__setattr__(self, "can_run_away", bool(unbounded))
+        needles = [_needle(r.pattern) for r in unbounded]
+        blind = any(r.pattern.flags & regex.IGNORECASE for r in unbounded)
+        object.__setattr__(self, "run_away_blind", blind)
+        if all(needle is not None for needle in needles):
+            kept = tuple(n.lower() if blind else n for n in needles if n)
+            object.__setattr__(self, "run_away_needles", kept)
+
+    def may_run_away(self, outcome: Outcome) -> bool:
+        """Whether judging ``outcome`` may run a pattern up to its time limit.
+
+        A pattern cannot match a text that lacks its required literal, so a
+        reply without any of them is judged at once, on the event loop: the
+        usual case, where a thread hop would cost more than the judging.
+        """
+        if not self.can_run_away:
+            return False
+        needles = self.run_away_needles
+        if needles is None:
+            return True
+        for text in (outcome.body, outcome.stream_error_event or ""):
+            # A JSON escape could spell a needle the raw text does not show.
+            if "\\u" in text:
+                return True
+            if self.run_away_blind:
+                if not text.isascii():
+                    return True
+                text = text.lower()
+            if any(needle in text for needle in needles):
+                return True
+        return False
 
     @classmethod
     def from_config(cls, config: Config) -> Policy:

@@ -130,3 +130,79 @@ def nested_repetition(pattern: str, flags: str = "") -> bool:
             groups[-1] = True
         i += 1
     return False
+
+
+#: Inline flags or named groups: the scan in :func:`required_literal` does not follow them.
+_INLINE_SYNTAX = regex.compile(r"\(\?[a-zA-Z]")
+#: A literal shorter than this is too common to tell texts apart.
+MIN_REQUIRED_LITERAL = 3
+
+
+def required_literal(pattern: str, flags: str = "") -> str | None:
+    """A run of plain characters that every match of ``pattern`` contains, else None.
+
+    When a text lacks it, the pattern cannot match that text, however long it
+    would take to find that out: the caller can then skip the pattern, or run
+    it where its time limit would not matter. Only the top level is read
+    (groups, classes and escapes such as ``\\d`` end a run; a quantifier drops
+    the character before it); anything unusual gives None.
+    """
+    if "i" in flags or "x" in flags or VERBOSE.search(pattern) or _INLINE_SYNTAX.search(pattern):
+        return None
+    runs: list[str] = []
+    run: list[str] = []
+    depth = 0
+    i, n = 0, len(pattern)
+    while i < n:
+        ch = pattern[i]
+        if ch == "\\":
+            nxt = pattern[i + 1 : i + 2]
+            if depth == 0 and nxt and nxt.isascii() and not nxt.isalnum():
+                run.append(nxt)  # an escaped punctuation character is itself
+            elif depth == 0:
+                runs.append("".join(run))
+                run = []
+            i += 2
+            continue
+        if ch == "[":
+            runs.append("".join(run))
+            run = []
+            i = class_end(pattern, i)
+            continue
+        if ch in "()":
+            depth += 1 if ch == "(" else -1
+            if depth < 0:
+                return None
+            runs.append("".join(run))
+            run = []
+            i += 1
+            continue
+        if depth:
+            i += 1
+            continue
+        if ch == "|":
+            return None  # another branch need not contain it
+        if ch in "*+?{":  # the character before may be absent, or repeated
+            if run:
+                run.pop()
+            runs.append("".join(run))
+            run = []
+            if ch == "{":
+                close = pattern.find("}", i)
+                i = n if close == -1 else close + 1
+            else:
+                i += 1
+            if pattern[i : i + 1] in ("?", "+"):
+                i += 1  # lazy or possessive
+            continue
+        if ch in ".^$":
+            runs.append("".join(run))
+            run = []
+        else:
+            run.append(ch)
+        i += 1
+    if depth:
+        return None
+    runs.append("".join(run))
+    best = max(runs, key=len)
+    return best if len(best) >= MIN_REQUIRED_LITERAL else None
