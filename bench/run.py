@@ -60,7 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(reported apart, as soak_paced)",
     )
     parser.add_argument(
-        "--out", type=Path, help="output folder (default bench/; --quick: bench/.work)"
+        "--out",
+        type=Path,
+        help="output folder (default bench/; --quick, --only or --cells: bench/.work)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (configs, logs)")
     parser.add_argument(
@@ -76,7 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     quick = bool(args.quick)
-    out = args.out or (BENCH / ".work" if quick else BENCH)
+    # Only a whole run replaces RESULTS.md: a part of one goes to the scratch folder.
+    partial = quick or bool(args.only) or bool(args.cells)
+    out = args.out or (BENCH / ".work" if partial else BENCH)
     if args.render:
         write_results(out, load_results(out / "results.json"))
         return 0

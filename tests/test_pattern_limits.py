@@ -290,3 +290,41 @@ def test_a_runaway_pattern_without_a_literal_always_goes_to_the_worker_thread() 
     assert no_quotes.may_run_away(Outcome(status=200, body="{}"))
     bounded = policy_with(["The model is overloaded"])
     assert not bounded.can_run_away and not bounded.may_run_away(Outcome(status=500, body="x"))
+
+
+def test_a_text_without_a_patterns_literal_is_not_searched_and_the_answers_stay_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    recats = policy(
+        response_parsing={
+            "status_recategorization": {
+                "rules": [
+                    {"pattern": "model.*capacity", "original_status": 200, "new_status": 503},
+                    {"pattern": "The model is overloaded", "new_status": 429},
+                ],
+            }
+        }
+    )
+    searched: list[str] = []
+    real = type(recats.recategorize_any[0]).finds
+
+    def spy(self: Any, text: str, limit: float) -> bool:
+        searched.append(text)
+        return bool(real(self, text, limit))
+
+    monkeypatch.setattr(type(recats.recategorize_any[0]), "finds", spy)
+    good = '{"choices": [{"message": {"content": "A calm night."}, "finish_reason": "stop"}]}'
+    assert decide(Outcome(status=200, body=good), History(), recats).action is Action.DELIVER
+    assert searched == []  # neither literal is in the reply
+    for text, new in (
+        ("MODEL is at Capacity", 503),
+        ("the model is OVERLOADED", 429),
+        ("mod\u00e8l at capacity", None),  # searched (not ASCII), no match
+    ):
+        reply = {"choices": [{"message": {"content": text}, "finish_reason": "stop"}]}
+        body = orjson.dumps(reply).decode()
+        searched.clear()
+        decision = decide(Outcome(status=200, body=body), History(), recats)
+        assert searched, body
+        found = decision.recategorized.new if decision.recategorized else None
+        assert found == new, body

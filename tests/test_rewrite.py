@@ -714,3 +714,14 @@ def test_trial_response_and_timeout() -> None:
     assert "  rules[1]: 1 replacement" in report
     assert "Total: 1 replacement(s)" in report
     assert "Timeout: response_processing.rules[0] (runaway) timed out; skipped" in report
+
+
+@pytest.mark.parametrize("repeat", [1, 20])  # a short chat (substring searches), a long one (regex)
+def test_literal_scan_finds_exactly_the_literals_present(repeat: int) -> None:
+    from first_hop_proxy.rewrite import SHORT_TEXT, _occurring
+
+    text = ("It’s late — don’t “go”; a–b " + "plain words " * 40) * repeat
+    assert (len(text) > SHORT_TEXT) == (repeat > 1)
+    literals = ["’", "—", "“", "”", "–", ";", "absent", "zz", "\u2026", "late"]
+    assert _occurring(text, literals) == {lit for lit in literals if lit in text}
+    assert _occurring(text, ["absent", "\u2026"]) == set()

@@ -234,23 +234,6 @@ class Decision:
 _FLAGS: Final = regex.IGNORECASE | regex.V0
 
 
-@dataclass(frozen=True, slots=True)
-class _Compiled:
-    """A compiled pattern, its rule's place in the config, and whether it can run away."""
-
-    pattern: Any
-    index: int
-    bounded: bool
-
-    def finds(self, text: str, limit: float) -> bool:
-        """Whether the pattern occurs in the first SCAN_LIMIT characters of ``text``.
-
-        Raises TimeoutError when a pattern that can run away takes ``limit`` seconds.
-        """
-        timeout = None if self.bounded else limit
-        return self.pattern.search(text, 0, SCAN_LIMIT, timeout=timeout) is not None
-
-
 #: Pattern flags the literal scan does not follow (comments, version 1 syntax, full case folding).
 _UNSCANNED_FLAGS: Final = regex.VERBOSE | regex.VERSION1 | regex.FULLCASE
 
@@ -273,6 +256,28 @@ def _needle(pattern: Any) -> str | None:
     if pattern.flags & regex.IGNORECASE:
         return needle.lower() if needle.isascii() else None
     return needle
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    """A compiled pattern, its rule's place in the config, and whether it can run away."""
+
+    pattern: Any
+    index: int
+    bounded: bool
+    #: What every match contains (:func:`_needle`): a text without it is not searched.
+    needle: str | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "needle", _needle(self.pattern))
+
+    def finds(self, text: str, limit: float) -> bool:
+        """Whether the pattern occurs in the first SCAN_LIMIT characters of ``text``.
+
+        Raises TimeoutError when a pattern that can run away takes ``limit`` seconds.
+        """
+        timeout = None if self.bounded else limit
+        return self.pattern.search(text, 0, SCAN_LIMIT, timeout=timeout) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,7 +337,7 @@ class Policy:
         rules += tuple(r for group in self.recategorize_by_status.values() for r in group)
         unbounded = [r for r in rules if not r.bounded]
         object.__setattr__(self, "can_run_away", bool(unbounded))
-        needles = [_needle(r.pattern) for r in unbounded]
+        needles = [r.needle for r in unbounded]
         blind = any(r.pattern.flags & regex.IGNORECASE for r in unbounded)
         object.__setattr__(self, "run_away_blind", blind)
         if all(needle is not None for needle in needles):
@@ -620,6 +625,7 @@ class _Judge:
     __slots__ = (
         "disguise",
         "doc",
+        "folded",
         "history",
         "jitter",
         "mask",
@@ -650,6 +656,7 @@ class _Judge:
         self.retry_after: float | None = None
         self.disguise: Disguised | None = None
         self.timeouts: list[RuleTimeout] = []
+        self.folded: dict[str, str | None] = {}  # text -> lower-cased, when ASCII
         self.doc = outcome.json if outcome.json is not UNPARSED else self._parse_document()
 
     def _parse_document(self) -> Any:
@@ -737,13 +744,25 @@ class _Judge:
     ) -> str | None:
         """The first of ``texts`` the pattern occurs in. A pattern that runs out of
         time is skipped for this outcome and named in :attr:`Decision.timeouts`."""
+        needle = compiled.needle
         try:
             for text in texts:
-                if text and compiled.finds(text, limit):
+                if not text or (needle is not None and self.lacks(text, needle)):
+                    continue
+                if compiled.finds(text, limit):
                     return text
         except TimeoutError:
             self.timeouts.append(RuleTimeout(section, compiled.index, about, None))
         return None
+
+    def lacks(self, text: str, needle: str) -> bool:
+        """Whether ``text`` surely lacks ``needle``: then a pattern that needs it need
+        not search the text. Compared lower-cased (the patterns ignore case), each text
+        lower-cased once per outcome; a text beyond ASCII is always searched."""
+        folded = self.folded.get(text, "")
+        if folded == "":
+            folded = self.folded[text] = text.lower() if text.isascii() else None
+        return folded is not None and needle.lower() not in folded
 
     def _texts(self) -> list[str]:
         """Where recategorization patterns look: the configured JSON paths, then

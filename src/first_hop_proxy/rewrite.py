@@ -240,12 +240,16 @@ def _any_of(options: frozenset[str]) -> regex.Pattern[str]:
 
 #: Up to this many literals, ``_occurring`` checks each with ``in`` instead of one regex.
 FEW_LITERALS = 4
+#: ... and on a text up to this long, whatever their number: a substring search
+#: each was 20x faster than the regex on a 1.3 KB chat (1 us against 20 us, 11
+#: literals); on long texts the one regex scan wins when many literals are absent.
+SHORT_TEXT = 8192
 
 
 def _occurring(text: str, literals: Iterable[str]) -> set[str]:
     """Which of ``literals`` occur in ``text``, in about one scan however many there are."""
     remaining = set(literals)
-    if len(remaining) <= FEW_LITERALS:  # a substring search each is cheaper than the regex
+    if len(remaining) <= FEW_LITERALS or len(text) <= SHORT_TEXT:
         return {literal for literal in remaining if literal in text}
     found: set[str] = set()
     pos = 0
