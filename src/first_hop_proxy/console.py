@@ -50,6 +50,8 @@ def _safe_arg(value: Any) -> Any:
     if isinstance(value, int | float) or value is None:
         return value
     text = value if isinstance(value, str) else str(value)
+    if text.isprintable():  # no control, line break or direction override: most values
+        return text
     return escape_controls(text) if _CONTROL.search(text) else text
 
 
