@@ -258,6 +258,12 @@ def _needle(pattern: Any) -> str | None:
     return needle
 
 
+def _folded(text: str) -> str | None:
+    """``text`` lower-cased for a case-blind needle search; None beyond ASCII, where
+    case folding has surprises and the text must be searched by the pattern itself."""
+    return text.lower() if text.isascii() else None
+
+
 @dataclass(frozen=True, slots=True)
 class _Compiled:
     """A compiled pattern, its rule's place in the config, and whether it can run away."""
@@ -361,9 +367,10 @@ class Policy:
             if "\\u" in text:
                 return True
             if self.run_away_blind:
-                if not text.isascii():
+                folded = _folded(text)
+                if folded is None:
                     return True
-                text = text.lower()
+                text = folded
             if any(needle in text for needle in needles):
                 return True
         return False
@@ -761,7 +768,7 @@ class _Judge:
         lower-cased once per outcome; a text beyond ASCII is always searched."""
         folded = self.folded.get(text, "")
         if folded == "":
-            folded = self.folded[text] = text.lower() if text.isascii() else None
+            folded = self.folded[text] = _folded(text)
         return folded is not None and needle.lower() not in folded
 
     def _texts(self) -> list[str]:

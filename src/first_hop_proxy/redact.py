@@ -238,10 +238,8 @@ def mask(secret: str) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-@functools.lru_cache(maxsize=1024)
 def is_secret_header(name: str) -> bool:
-    """Whether a header of this name carries a credential. Remembered: every request
-    asks it of each of its headers, and clients send the same few names."""
+    """Whether a header of this name carries a credential (remembered per name)."""
     lowered = name.lower()
     return lowered in SECRET_HEADERS or any(w in lowered for w in _SECRET_HEADER_WORDS)
 
