@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,3 +153,61 @@ async def test_a_json_request_streamed_upstream_past_the_limit_fails_its_attempt
     assert status == 502
     assert "larger than 1 MB (target_proxy.max_reply_mb)" in orjson.loads(body)["error"]["message"]
     assert flood.sent < 24 * MB
+
+
+@dataclass
+class Declared(Behaviour):
+    """One body sent whole with its Content-Length, gzip-compressed when ``gzip``."""
+
+    body: bytes = b""
+    gzip: bool = False
+
+    async def run(self, request: web.Request, upstream: FakeUpstream) -> web.StreamResponse:
+        headers = {"Content-Type": "application/json"}
+        body = self.body
+        if self.gzip:
+            body = gzip.compress(body)
+            headers["Content-Encoding"] = "gzip"
+        return web.Response(body=body, headers=headers)
+
+
+def reply_of(size: int) -> bytes:
+    """A chat completion whose text makes it about ``size`` bytes long."""
+    text = "x" * size
+    return orjson.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]})
+
+
+async def test_a_declared_length_past_the_limit_fails_its_attempt(
+    start_proxy: StartProxy, upstream: FakeUpstream, client: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(
+        {"target_proxy": {"max_reply_mb": 1}, "error_handling": {"max_retries": 0}}
+    )
+    upstream.queue(Declared(body=reply_of(2 * MB)))
+    status, body = await ask(client, proxy.url)
+    assert status == 502
+    assert "larger than 1 MB (target_proxy.max_reply_mb)" in orjson.loads(body)["error"]["message"]
+
+
+async def test_a_small_compressed_reply_that_inflates_past_the_limit_fails_its_attempt(
+    start_proxy: StartProxy, upstream: FakeUpstream, client: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(
+        {"target_proxy": {"max_reply_mb": 1}, "error_handling": {"max_retries": 0}}
+    )
+    upstream.queue(Declared(body=reply_of(8 * MB), gzip=True))  # about 8 KB on the wire
+    status, body = await ask(client, proxy.url)
+    assert status == 502
+    assert "larger than 1 MB (target_proxy.max_reply_mb)" in orjson.loads(body)["error"]["message"]
+
+
+async def test_replies_within_the_limit_arrive_whole_compressed_or_not(
+    start_proxy: StartProxy, upstream: FakeUpstream, client: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy({"target_proxy": {"max_reply_mb": 1}})
+    reply = reply_of(MB // 2)
+    upstream.queue(Declared(body=reply), Declared(body=reply, gzip=True))
+    for _ in range(2):
+        status, body = await ask(client, proxy.url)
+        assert status == 200
+        assert orjson.loads(body)["choices"][0]["message"]["content"] == "x" * (MB // 2)

@@ -12,7 +12,6 @@ import functools
 import logging
 import random
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from .breaker import RETRY, Permit
@@ -94,7 +93,7 @@ async def attempt_until_decided(ex: Exchange, attempt: Attempt) -> tuple[Decisio
     rotation = state.next_rotation() if routing.strategy == "round_robin" else 0
     route = Route(settings.candidates(model, rotation))
     admitted: set[str] = set()
-    failures: Counter[str] = Counter()
+    failures: dict[str, int] = {}  # retryable failures per upstream
     while True:
         upstream = ex.upstream = route.current
         route.mark_tried()
@@ -160,8 +159,10 @@ async def attempt_until_decided(ex: Exchange, attempt: Attempt) -> tuple[Decisio
             reply.close()
             ex.history = ex.history.moved_on()
             continue
-        failures[upstream.name] += decision.action is Action.RETRY
-        cause = failover_cause(decision, failures[upstream.name], routing.retries_per_upstream)
+        here = failures[upstream.name] = failures.get(upstream.name, 0) + (
+            decision.action is Action.RETRY
+        )
+        cause = failover_cause(decision, here, routing.retries_per_upstream)
         moving = cause is not None and cause in routing.failover_on and route.alternatives
         if decision.action is not Action.RETRY:
             if moving and route.next_untried():

@@ -55,6 +55,20 @@ def _safe_arg(value: Any) -> Any:
     return escape_controls(text) if _CONTROL.search(text) else text
 
 
+_IMMUTABLE = frozenset({str, int, float, bool, type(None)})
+
+
+def _render(record: logging.LogRecord) -> None:
+    """Put the record's arguments into its message, each made safe for one line."""
+    args = record.args
+    if isinstance(args, tuple):
+        record.args = tuple(_safe_arg(a) for a in args)
+    elif isinstance(args, dict):
+        record.args = {k: _safe_arg(v) for k, v in args.items()}
+    record.message = record.getMessage()
+    record.msg, record.args = record.message, None
+
+
 class BatchingHandler(logging.Handler):
     """Collects records; a daemon thread formats and writes them in batches."""
 
@@ -74,15 +88,12 @@ class BatchingHandler(logging.Handler):
         self._thread.start()
 
     def emit(self, record: logging.LogRecord) -> None:
-        # The message is rendered now, while its arguments still mean what they meant;
-        # a value cannot break the line it is in.
+        # Arguments that cannot change (strings, numbers: the request line's) are
+        # rendered by the thread; any other is rendered now, while it still means
+        # what it meant. Either way a value cannot break the line it is in.
         args = record.args
-        if isinstance(args, tuple):
-            record.args = tuple(_safe_arg(a) for a in args)
-        elif isinstance(args, dict):
-            record.args = {k: _safe_arg(v) for k, v in args.items()}
-        record.message = record.getMessage()
-        record.msg, record.args = record.message, None
+        if not (isinstance(args, tuple) and _IMMUTABLE.issuperset(map(type, args))):
+            _render(record)
         self._records.append(record)  # thread-safe, wakes nobody
 
     def _run(self) -> None:
@@ -95,6 +106,8 @@ class BatchingHandler(logging.Handler):
         while self._records:
             record = self._records.popleft()
             try:
+                if record.args:
+                    _render(record)
                 line = self.redactor.text(self.format(record))
                 lines.append(escape_controls(line, keep_newlines=True))
             except Exception:

@@ -86,6 +86,14 @@ class Settings:
     request_log: RequestLog
     error_log: ErrorLog
     loaded_at: float = field(default_factory=time.time)
+    #: ``loaded.config`` and whether there is more than one upstream, kept as plain
+    #: attributes: the request path reads them several times per request.
+    config: Config = field(init=False)
+    several: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.config = self.loaded.config
+        self.several = len(self.upstreams) > 1
 
     @classmethod
     def build(
@@ -129,15 +137,6 @@ class Settings:
             request_log=request_log or RequestLog(config.logging, writer, redactor),
             error_log=error_log or ErrorLog(config.error_logging, writer, redactor),
         )
-
-    @property
-    def config(self) -> Config:
-        return self.loaded.config
-
-    @property
-    def several(self) -> bool:
-        """More than one upstream: messages and keep-alives name the one meant."""
-        return len(self.upstreams) > 1
 
     def candidates(self, model: str, rotation: int) -> list[Upstream]:
         """The upstreams that serve ``model``, in the order this request tries them."""

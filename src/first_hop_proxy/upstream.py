@@ -173,6 +173,18 @@ async def read_body(resp: aiohttp.ClientResponse, reply: Reply) -> bytes:
     Past the limit the connection is dropped: nothing more is read, and what was
     read is freed, so a hostile upstream cannot make the proxy hold its reply.
     """
+    declared = resp.content_length
+    if (
+        declared is not None
+        and reply.received + declared - reply.comment_bytes <= reply.limit
+        and "Content-Encoding" not in resp.headers
+    ):
+        # An uncompressed reply whose Content-Length is within the limit (most JSON
+        # replies): one read. The parser stops at the length said, so nothing past it
+        # can arrive (a compressed one could inflate past its length: read in chunks).
+        body = await resp.read()
+        reply.count(body)
+        return body
     chunks: list[bytes] = []
     try:
         async for chunk in resp.content.iter_any():
