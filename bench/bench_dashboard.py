@@ -21,9 +21,9 @@ from prometheus_client import generate_latest
 
 from first_hop_proxy.config import parse_config
 from first_hop_proxy.events import EventHub, Subscriber
+from first_hop_proxy.logs.request_log import RequestRecord
 from first_hop_proxy.metrics import registry_for
 from first_hop_proxy.redact import Redactor
-from first_hop_proxy.request_log import RequestRecord
 from first_hop_proxy.state import State
 from first_hop_proxy.stats import Stats
 

@@ -9,9 +9,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from first_hop_proxy.logs.writer import LogWriter
 from first_hop_proxy.server import RunningServer
 from first_hop_proxy.state import STATE, State
-from first_hop_proxy.writer import LogWriter
 
 REQUEST_NAME = re.compile(r"^(\d{8})_(\d{6})_(\d{3})_([A-Za-z0-9-]+)\.log$")
 ERROR_NAME = re.compile(r"^(?P<code>[A-Za-z0-9_-]+?)_(\d{8})_(\d{6})_(\d{3})(?:_\d+)?\.log$")

@@ -15,8 +15,8 @@ import orjson
 import pytest
 
 from first_hop_proxy import events
+from first_hop_proxy.logs.request_log import RequestRecord
 from first_hop_proxy.redact import Redactor
-from first_hop_proxy.request_log import RequestRecord
 from first_hop_proxy.server import RunningServer
 
 from .conftest import StartProxy, chat_body, free_port

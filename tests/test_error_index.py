@@ -9,7 +9,7 @@ import pytest
 from first_hop_proxy.config import ErrorLogging
 from first_hop_proxy.dashboard import errors
 from first_hop_proxy.dashboard.errors import ErrorIndex, read_summary
-from first_hop_proxy.error_log import ErrorEvent, error_file_name, format_error_log
+from first_hop_proxy.logs.error_log import ErrorEvent, error_file_name, format_error_log
 
 URL = "http://127.0.0.1:9/v1/chat/completions"
 

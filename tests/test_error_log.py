@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from first_hop_proxy.config import ErrorLogging
-from first_hop_proxy.error_log import (
+from first_hop_proxy.logs.error_log import (
     BANNER,
     RULE,
     ErrorEvent,
@@ -22,7 +22,7 @@ from first_hop_proxy.error_log import (
     log_config_error,
     scan_error_files,
 )
-from first_hop_proxy.writer import LogWriter
+from first_hop_proxy.logs.writer import LogWriter
 
 from .keys import assert_no_leak, random_key
 from .log_helpers import SPEC_DETAIL_KEYS

@@ -7,8 +7,8 @@ import pytest
 
 from first_hop_proxy import events
 from first_hop_proxy.events import MAX_SUBSCRIBERS, EventHub, LazyRedact
+from first_hop_proxy.logs.request_log import RequestRecord
 from first_hop_proxy.redact import Redactor
-from first_hop_proxy.request_log import RequestRecord
 
 KEY = "sk-live-0123456789abcdefWXYZ"
 

@@ -14,10 +14,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from first_hop_proxy.config import ErrorLogging, Logging
-from first_hop_proxy.error_log import ErrorEvent, ErrorLog
-from first_hop_proxy.log_views import add_log_routes, logging_status
-from first_hop_proxy.request_log import RequestLog, RequestRecord
-from first_hop_proxy.writer import LogWriter
+from first_hop_proxy.logs.error_log import ErrorEvent, ErrorLog
+from first_hop_proxy.logs.request_log import RequestLog, RequestRecord
+from first_hop_proxy.logs.views import add_log_routes, logging_status
+from first_hop_proxy.logs.writer import LogWriter
 
 
 @dataclass

@@ -14,7 +14,7 @@ import aiohttp
 import orjson
 import pytest
 
-from first_hop_proxy.error_log import ErrorEvent
+from first_hop_proxy.logs.error_log import ErrorEvent
 from first_hop_proxy.server import RunningServer
 
 from .conftest import StartProxy, chat_body, free_port, wait_until

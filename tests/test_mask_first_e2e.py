@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from first_hop_proxy.config import ErrorLogging
-from first_hop_proxy.error_log import ErrorEvent, format_error_log
+from first_hop_proxy.logs.error_log import ErrorEvent, format_error_log
 
 from .conftest import StartProxy, chat_body
 from .fake_upstream import FakeUpstream, Json, Sse

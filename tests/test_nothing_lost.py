@@ -15,10 +15,10 @@ import orjson
 import pytest
 
 from first_hop_proxy.config import ErrorLogging, Logging
-from first_hop_proxy.error_log import ErrorEvent, ErrorLog
-from first_hop_proxy.request_log import RequestLog, RequestRecord
+from first_hop_proxy.logs.error_log import ErrorEvent, ErrorLog
+from first_hop_proxy.logs.request_log import RequestLog, RequestRecord
+from first_hop_proxy.logs.writer import LogWriter
 from first_hop_proxy.server import RunningServer
-from first_hop_proxy.writer import LogWriter
 
 from .conftest import StartProxy, chat_body
 from .fake_upstream import FakeUpstream, Json

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import orjson
 
-from first_hop_proxy import request_detail
 from first_hop_proxy.config import Logging
-from first_hop_proxy.request_detail import (
+from first_hop_proxy.logs import request_detail
+from first_hop_proxy.logs.request_detail import (
     SECTION_LIMIT,
     parse_request_log,
     read_request_log,
     split_sections,
 )
-from first_hop_proxy.request_log import RULE, RequestRecord, format_request_log
+from first_hop_proxy.logs.request_log import RULE, RequestRecord, format_request_log
 
 KEY = "sk-live-0123456789abcdefWXYZ"
 HEADING = f"\n\n{RULE}\nREQUEST HEADERS:\n{RULE}\nnot a real section"

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from first_hop_proxy.config import Logging
-from first_hop_proxy.request_log import (
+from first_hop_proxy.logs.request_log import (
     BANNER,
     RULE,
     RequestLog,
@@ -22,7 +22,7 @@ from first_hop_proxy.request_log import (
     format_request_log,
     log_file_name,
 )
-from first_hop_proxy.writer import LogWriter, write_new_file
+from first_hop_proxy.logs.writer import LogWriter, write_new_file
 
 from .keys import assert_no_leak, random_key
 

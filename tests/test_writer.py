@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from first_hop_proxy.writer import WRITER_NICE, LogWriter
+from first_hop_proxy.logs.writer import WRITER_NICE, LogWriter
 
 from .conftest import wait_until
 from .log_helpers import hold

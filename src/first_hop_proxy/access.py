@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 
 from .config import Server, is_local_host
 from .demo import DEMO_PREFIX
-from .error_log import ErrorEvent
 from .guard import is_admin_path
+from .logs.error_log import ErrorEvent
 
 if TYPE_CHECKING:
     from .state import State

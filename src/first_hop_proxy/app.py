@@ -16,7 +16,7 @@ from .dashboard import add_dashboard_routes
 from .demo import add_demo_routes
 from .errors import json_response
 from .forwarding import chat_completions
-from .log_views import add_log_routes, logging_status
+from .logs.views import add_log_routes, logging_status
 from .metrics import add_metrics_route
 from .middleware import add_response_headers, front_door
 from .model_list import list_models

@@ -27,8 +27,8 @@ from .decisions import (
 )
 from .exchange import Exchange
 from .keys import Key, Step
+from .logs.request_log import AttemptRecord
 from .redact import clip
-from .request_log import AttemptRecord
 from .routing import Route, failover_cause
 from .upstream import Reply
 from .upstreams import Upstream

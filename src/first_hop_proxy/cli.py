@@ -23,7 +23,7 @@ from .config_file import (
 )
 from .config_view import effective_config
 from .demo import banner
-from .error_log import log_config_error
+from .logs.error_log import log_config_error
 from .redact import Redactor, redact_text
 from .rewrite import trial
 from .server import RunningServer, event_loop_name, run

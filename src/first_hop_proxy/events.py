@@ -19,8 +19,8 @@ from typing import Any
 
 import orjson
 
+from .logs.request_log import AttemptRecord, RequestRecord
 from .redact import Redactor
-from .request_log import AttemptRecord, RequestRecord
 
 #: Finished requests kept for a page that opens later.
 RECENT = 200

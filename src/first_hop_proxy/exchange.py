@@ -12,12 +12,12 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .decisions import Decision, History, error_body
-from .error_log import ErrorEvent
 from .headers import add_configured
 from .keys import Key
+from .logs.error_log import ErrorEvent
+from .logs.request_log import RequestRecord
 from .patterns import RuleTimeout
 from .redact import Redactor, header_secrets
-from .request_log import RequestRecord
 from .state import Settings, State
 from .upstreams import Upstream
 

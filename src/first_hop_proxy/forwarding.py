@@ -22,8 +22,8 @@ from .errors import error_response
 from .exchange import ChatRequest, Exchange, failure_response
 from .headers import client_headers, forwardable
 from .keys import Key
+from .logs.request_log import RequestRecord
 from .redact import clip
-from .request_log import RequestRecord
 from .shutdown import DRAIN, end_reply
 from .state import REQUEST_ID, STATE
 from .streaming import relay_stream

@@ -15,9 +15,9 @@ from aiohttp.typedefs import Middleware
 
 from .access import REALM
 from .demo import DEMO_PREFIX
-from .error_log import ErrorEvent
 from .errors import error_response
 from .guard import PUBLIC_PATHS
+from .logs.error_log import ErrorEvent
 from .redact import is_secret_header, redact_text
 from .state import REQUEST_ID, STATE
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import console
 from .config import ConfigError, LoadedConfig
-from .error_log import ErrorEvent
+from .logs.error_log import ErrorEvent
 from .redact import redact_text
 from .state import Settings, State
 

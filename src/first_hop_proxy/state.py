@@ -24,18 +24,18 @@ from .breaker import Transition
 from .config import Config, LoadedConfig
 from .config import Upstream as UpstreamConfig
 from .decisions import Policy
-from .error_log import ErrorEvent, ErrorLog
 from .events import EventHub
 from .guard import Guard
 from .headers import ACCEPT_ENCODING
+from .logs.error_log import ErrorEvent, ErrorLog
+from .logs.request_log import RequestLog
+from .logs.writer import LogWriter
 from .redact import Redactor, header_secrets, masked_url, url_secrets
-from .request_log import RequestLog
 from .rewrite import Rewriter
 from .routing import start_order
 from .stats import Stats
 from .upstreams import Upstream, build_upstreams
 from .usage import UsageTotals
-from .writer import LogWriter
 
 log = logging.getLogger("first_hop_proxy")
 

@@ -35,8 +35,8 @@ import orjson
 from aiohttp import web
 
 from .errors import error_response, json_response
+from .logs.writer import lower_priority
 from .sse import event_data, parse_event
-from .writer import lower_priority
 
 if TYPE_CHECKING:
     from .config import Usage

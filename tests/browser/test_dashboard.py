@@ -15,8 +15,8 @@ import aiohttp
 import pytest
 from playwright.async_api import Page, Response, expect
 
+from first_hop_proxy.logs.request_log import RequestRecord
 from first_hop_proxy.redact import Redactor
-from first_hop_proxy.request_log import RequestRecord
 from first_hop_proxy.server import RunningServer
 
 from ..conftest import StartProxy

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from ..error_log import ErrorFile, scan_error_files
+from ..logs.error_log import ErrorFile, scan_error_files
 
 HEAD_BYTES = 16 * 1024
 TAIL_BYTES = 4 * 1024

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from .. import __version__
-from ..log_views import logging_status
+from ..logs.views import logging_status
 from ..state import State, upstream_status
 
 

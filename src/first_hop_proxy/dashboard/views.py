@@ -17,8 +17,8 @@ from aiohttp import web
 
 from ..config_view import effective_config
 from ..errors import error_response, json_response
-from ..log_views import INVALID, find_request_log, not_logged
-from ..request_detail import read_request_log
+from ..logs.request_detail import read_request_log
+from ..logs.views import INVALID, find_request_log, not_logged
 from ..state import STATE
 from .errors import ErrorIndex
 from .feed import events

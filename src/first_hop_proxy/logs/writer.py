@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .redact import redact_text
+from ..redact import redact_text
 
 logger = logging.getLogger("first_hop_proxy")
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import orjson
 
-from .config import ErrorLogging
-from .redact import Headers, Redactor, header_secrets
+from ..config import ErrorLogging
+from ..redact import Headers, Redactor, header_secrets
 from .request_log import BANNER, RULE
 from .writer import LogWriter, remove_files, write_new_file
 

@@ -18,8 +18,8 @@ from typing import Any
 
 from aiohttp import web
 
+from ..errors import error_response, json_response
 from .error_log import ErrorLog, scan_error_files
-from .errors import error_response, json_response
 from .request_log import RequestLog
 from .writer import LogWriter
 

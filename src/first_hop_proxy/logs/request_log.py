@@ -20,9 +20,9 @@ from typing import Any
 
 import orjson
 
-from .config import Logging
-from .redact import Headers, Redactor, header_secrets
-from .sse import parse_event
+from ..config import Logging
+from ..redact import Headers, Redactor, header_secrets
+from ..sse import parse_event
 from .writer import LogWriter, remove_files
 
 BANNER = "=" * 80
