@@ -1,6 +1,7 @@
 """first-hop-proxy at two git revisions, side by side: CPU per request and latency.
 
     .venv/bin/python bench/ab.py REV_A REV_B [--rounds 3] [--seconds 5] [--b-args=--no-uvloop]
+                                             [--instructions]
 
 Each revision is checked out into a temporary git worktree and run from its
 ``src`` with this venv's packages (so a revision whose dependencies this venv
@@ -9,12 +10,21 @@ the spec (``target_proxy``), against the same fake upstream; the revisions
 alternate within each round, each in a fresh process, and the medians are
 printed. Used to show what a change costs the request path (e.g. the
 several-upstreams support on a config with one upstream).
+
+CPU time per request moves by 5 % or more between runs of the same revision on
+a shared machine, which hides smaller changes. ``--instructions`` counts instead
+the instructions the proxy process executes per request (all its threads, user
+space only) under valgrind's callgrind, switched on only while the load runs:
+the same revision gives the same count within about 0.5 %. It runs some 50x
+slower, so the load is lighter (a few hundred requests), and it leaves out what
+the kernel spends on the sockets, which is about the same for both revisions.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -56,6 +66,7 @@ def measure(
     logging: bool,
     seconds: float,
     extra: list[str],
+    instructions: bool = False,
 ) -> dict[str, Any]:
     """One fresh proxy from ``src``: warmed, then one wrk run; CPU per request."""
     port = free_port()
@@ -71,22 +82,71 @@ def measure(
     env = {**os.environ, "PYTHONPATH": str(src)}
     env = {k: v for k, v in env.items() if not k.startswith("FHP_")}
     cmd = [sys.executable, "-m", "first_hop_proxy", "serve", "--config", str(path)]
+    counts = folder / "callgrind.out"
+    if instructions:
+        cmd = [*CALLGRIND, f"--callgrind-out-file={counts}", *cmd]
     proc = spawn([*cmd, "--port", str(port), *extra], folder / "proxy.log", env)
     try:
-        problem = wait_http(f"http://127.0.0.1:{port}/health", proc, 30)
+        problem = wait_http(f"http://127.0.0.1:{port}/health", proc, 300 if instructions else 30)
         if problem:
             raise SystemExit(f"{src}: the proxy did not start: {problem}")
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         script = wrk_script(folder, "post.lua")
-        run_wrk(script, url, conns, 1)  # warm-up
+        run_wrk(script, url, conns, 3 if instructions else 1)  # warm-up
         time.sleep(0.5)
+        if instructions:
+            callgrind_control(proc.pid, "on")
         before = cpu_seconds(proc.pid)[0]
         result = run_wrk(script, url, conns, seconds)
         after = cpu_seconds(proc.pid)[0]
+        if instructions:
+            callgrind_control(proc.pid, "off")
     finally:
         stop(proc)
     result["cpu_us"] = (after - before) * 1e6 / max(1, result["requests"])
+    if instructions:
+        result["instructions"] = callgrind_total(folder) / max(1, result["requests"])
     return result
+
+
+#: valgrind's callgrind, counting nothing until told to (start-up is not measured).
+CALLGRIND = ["valgrind", "--tool=callgrind", "--instr-atstart=no"]
+
+
+def callgrind_control(pid: int, state: str) -> None:
+    """Switch callgrind's counting on or off in the running process."""
+    subprocess.run(
+        ["callgrind_control", "-i", state, str(pid)], check=True, capture_output=True, timeout=60
+    )
+
+
+def callgrind_total(folder: Path) -> int:
+    """The instructions counted, summed over the files callgrind wrote (one per thread
+    with --separate-threads; one in all here)."""
+    total = 0
+    for path in folder.glob("callgrind.out*"):
+        # "summary:" heads the file (0 when counting began late); "totals:" ends it.
+        lines = path.read_text("utf-8", "replace").splitlines()
+        total += max(
+            (int(line.split()[1]) for line in lines if line.startswith(("summary:", "totals:"))),
+            default=0,
+        )
+    return total
+
+
+def ensure_valgrind() -> None:
+    if shutil.which("valgrind") and shutil.which("callgrind_control"):
+        return
+    log("valgrind missing: installing it with apt-get ...")
+    subprocess.run(["apt-get", "update", "-qq"], check=False, timeout=300)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "valgrind"],
+        check=True,
+        timeout=600,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+    )
+    if not shutil.which("callgrind_control"):
+        raise SystemExit("valgrind could not be installed")
 
 
 def main() -> None:
@@ -100,7 +160,15 @@ def main() -> None:
         help="more command-line arguments for the second revision's proxy (e.g. --no-uvloop, "
         "to compare on the same event loop as a revision from before uvloop)",
     )
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count the instructions per request under valgrind's callgrind (steady to about "
+        "0.5 %%, where CPU time moves by 5 %%) instead of CPU time; about 50x slower",
+    )
     args = parser.parse_args()
+    if args.instructions:
+        ensure_valgrind()
     with tempfile.TemporaryDirectory(prefix="fhp-ab-") as tmp:
         work = Path(tmp)
         sources = {}
@@ -117,7 +185,8 @@ def main() -> None:
                 if problem:
                     raise SystemExit(f"fake upstream did not start: {problem}")
                 upstream = f"http://127.0.0.1:{port}/v1/chat/completions"
-                report(run(args, sources, work, upstream), args.revisions)
+                figure = "instructions" if args.instructions else "cpu_us"
+                report(run(args, sources, work, upstream), args.revisions, figure)
             finally:
                 stop(up)
         finally:
@@ -145,24 +214,38 @@ def run(
         for round_ in range(args.rounds):
             for n, (rev, src) in enumerate(sources.items()):
                 extra = args.b_args.split() if n == 1 else []
-                got = measure(src, work, upstream, conns, logging, args.seconds, extra)
+                got = measure(
+                    src, work, upstream, conns, logging, args.seconds, extra, args.instructions
+                )
                 results.setdefault((label, rev), []).append(got)
+                figure = (
+                    f"{got['instructions']:,.0f} instructions/request"
+                    if args.instructions
+                    else f"{got['cpu_us']:.0f} us CPU/request"
+                )
                 log(
                     f"{label} round {round_ + 1} {rev}: {got['rps']:.0f} req/s, "
-                    f"p50 {got['p50_ms']:.2f} ms, {got['cpu_us']:.0f} us CPU/request"
+                    f"p50 {got['p50_ms']:.2f} ms, {figure}"
                 )
     return results
 
 
-def report(results: dict[tuple[str, str], list[dict[str, Any]]], revisions: list[str]) -> None:
+def report(
+    results: dict[tuple[str, str], list[dict[str, Any]]], revisions: list[str], figure: str
+) -> None:
     a, b = revisions
-    print(f"\n| load | {a} CPU us/req | {b} CPU us/req | {b} / {a} | {a} p50 ms | {b} p50 ms |")
+    unit = "instructions/req" if figure == "instructions" else "CPU us/req"
+    p50_note = "" if figure == "cpu_us" else " (under valgrind)"
+    print(
+        f"\n| load | {a} {unit} | {b} {unit} | {b} / {a} "
+        f"| {a} p50 ms{p50_note} | {b} p50 ms{p50_note} |"
+    )
     print("|---|---|---|---|---|---|")
     for label, _, _ in MODES:
-        cpu = [statistics.median(r["cpu_us"] for r in results[label, rev]) for rev in revisions]
+        cost = [statistics.median(r[figure] for r in results[label, rev]) for rev in revisions]
         p50 = [statistics.median(r["p50_ms"] for r in results[label, rev]) for rev in revisions]
         print(
-            f"| {label} | {cpu[0]:,.0f} | {cpu[1]:,.0f} | {cpu[1] / cpu[0]:.2f} "
+            f"| {label} | {cost[0]:,.0f} | {cost[1]:,.0f} | {cost[1] / cost[0]:.3f} "
             f"| {p50[0]:.2f} | {p50[1]:.2f} |"
         )
 

@@ -46,7 +46,7 @@ def outcome_of(reply: Reply, stream: bool) -> Outcome:
     error_event = reply.error_event.decode("utf-8", "replace") if reply.error_event else None
     return Outcome(
         status=reply.status,
-        headers={k.lower(): v for k, v in reply.headers.items()},
+        headers=reply.headers,  # case-blind: the decision core asks by lowercase names
         body=reply.payloads() if is_stream else reply.body.decode("utf-8", "replace"),
         stream=is_stream,
         first_content=reply.first_content,

@@ -109,7 +109,10 @@ class BatchingHandler(logging.Handler):
                 if record.args:
                     _render(record)
                 line = self.redactor.text(self.format(record))
-                lines.append(escape_controls(line, keep_newlines=True))
+                # A printable line holds no control character (most lines): no scan.
+                if not line.isprintable():
+                    line = escape_controls(line, keep_newlines=True)
+                lines.append(line)
             except Exception:
                 self.handleError(record)
         if lines:

@@ -108,14 +108,14 @@ class Action(enum.Enum):
 class Outcome:
     """What one upstream attempt produced, as the forwarding loop saw it.
 
-    ``status`` is None when no HTTP response arrived. ``headers`` use lowercase
-    names. ``body`` is the whole body for a non-streaming reply; for a stream,
-    the SSE data payloads received before the first content, joined by "\\n".
-    A stream is judged before anything is sent on: ``first_content`` says a
-    content event arrived (the stream can be delivered); ``stream`` with no
-    content, no error event and no transport error means the stream ended
-    empty, and ``finish_reason`` carries the finish reason it reported.
-    ``json`` may hold the already-parsed body (stream: the parsed error event)
+    ``status`` is None when no HTTP response arrived. ``headers`` are looked up by
+    lowercase names (the proxy passes the response's case-blind headers). ``body`` is
+    the whole body for a non-streaming reply; for a stream, the SSE data payloads
+    received before the first content, joined by "\\n". A stream is judged before
+    anything is sent on: ``first_content`` says a content event arrived (the stream can
+    be delivered); ``stream`` with no content, no error event and no transport error
+    means the stream ended empty, and ``finish_reason`` carries the finish reason it
+    reported. ``json`` may hold the already-parsed body (stream: the parsed error event)
     so it is never parsed twice.
     """
 
