@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import io
 import logging
+import sys
 
-from first_hop_proxy.console import BatchingHandler, mask_with
+from first_hop_proxy.console import (
+    DATE_FORMAT,
+    FORMAT,
+    BatchingHandler,
+    ConsoleFormatter,
+    mask_with,
+)
 from first_hop_proxy.redact import Redactor
 
 from .keys import assert_no_leak, random_key
@@ -91,3 +98,20 @@ def test_a_reloaded_config_s_keys_are_masked_from_then_on() -> None:
         handler.close()
     assert_no_leak(stream.getvalue(), new_key)
     assert "upstream said: new…" in stream.getvalue()
+
+
+def test_the_console_format_is_logging_s_own_made_cheaper() -> None:
+    plain = logging.Formatter(FORMAT, DATE_FORMAT)
+    ours = ConsoleFormatter()
+    record = logging.LogRecord("x", logging.WARNING, "", 0, "%s -> %d", ("json", 200), None)
+    assert ours.format(record) == plain.format(record)
+    later = logging.LogRecord("x", logging.INFO, "", 0, "next", (), None)
+    later.created = record.created + 1.0  # the next second: the time is worked out again
+    assert ours.format(later) == plain.format(later)
+    assert ours.format(later).split()[0] != ours.format(record).split()[0]
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failed = logging.LogRecord("x", logging.ERROR, "", 0, "failed", (), sys.exc_info())
+    assert ours.format(failed) == plain.format(failed)
+    assert "ValueError: boom" in ours.format(failed)

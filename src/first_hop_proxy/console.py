@@ -47,7 +47,7 @@ def escape_controls(text: str, *, keep_newlines: bool = False) -> str:
 
 def _safe_arg(value: Any) -> Any:
     """A logging argument with no line break or control character left in it."""
-    if isinstance(value, int | float) or value is None:
+    if type(value) in _PLAIN or isinstance(value, (int, float)):  # numbers need no check
         return value
     text = value if isinstance(value, str) else str(value)
     if text.isprintable():  # no control, line break or direction override: most values
@@ -55,18 +55,49 @@ def _safe_arg(value: Any) -> Any:
     return escape_controls(text) if _CONTROL.search(text) else text
 
 
-_IMMUTABLE = frozenset({str, int, float, bool, type(None)})
+_PLAIN = frozenset({int, float, bool, type(None)})
+_IMMUTABLE = _PLAIN | {str}
 
 
 def _render(record: logging.LogRecord) -> None:
     """Put the record's arguments into its message, each made safe for one line."""
     args = record.args
     if isinstance(args, tuple):
-        record.args = tuple(_safe_arg(a) for a in args)
+        # Most lines: strings and numbers only, every string printable (so no line
+        # break): nothing to make safe, checked in one pass over the strings joined.
+        plain = (
+            _IMMUTABLE.issuperset(map(type, args))
+            and "".join([a for a in args if type(a) is str]).isprintable()
+        )
+        if not plain:
+            record.args = tuple(_safe_arg(a) for a in args)
     elif isinstance(args, dict):
         record.args = {k: _safe_arg(v) for k, v in args.items()}
     record.message = record.getMessage()
     record.msg, record.args = record.message, None
+
+
+class ConsoleFormatter(logging.Formatter):
+    """:data:`FORMAT`, the time worked out once per second rather than once per line,
+    and a line without a traceback put together directly (the logging module's general
+    formatting costs more than the rest of writing the line)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info or record.exc_text or record.stack_info:
+            return super().format(record)
+        return f"{self.formatTime(record)} {record.levelname} {record.getMessage()}"
+
+    def __init__(self) -> None:
+        super().__init__(FORMAT, DATE_FORMAT)
+        self._second = -1
+        self._time = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._time = super().formatTime(record, DATE_FORMAT)
+            self._second = second
+        return self._time
 
 
 class BatchingHandler(logging.Handler):
@@ -151,7 +182,7 @@ def setup(debug: bool, redactor: Redactor | None = None) -> BatchingHandler:
     logging.logMultiprocessing = False
     logging._srcfile = None
     handler = BatchingHandler(redactor=redactor)
-    handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
+    handler.setFormatter(ConsoleFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)

@@ -122,7 +122,7 @@ def reply_size(response: web.StreamResponse) -> int:
     """Bytes of the reply: a JSON body, or what a finished stream wrote."""
     if isinstance(response, web.Response):
         body = response.body
-        return len(body) if isinstance(body, bytes | bytearray) else 0
+        return len(body) if isinstance(body, (bytes, bytearray)) else 0  # a tuple: see headers
     return response.body_length
 
 

@@ -40,7 +40,8 @@ RESPONSE_DROP = HOP_BY_HOP | {"content-encoding", "x-request-id", "date", "serve
 
 def _connection_named(headers: Mapping[str, str]) -> set[str]:
     """The header names listed in ``Connection`` (which may be sent more than once)."""
-    if isinstance(headers, CIMultiDictProxy | CIMultiDict):  # a client's: found by hash
+    # A client's: found by hash. (A tuple: ``A | B`` would be built anew at every call.)
+    if isinstance(headers, (CIMultiDictProxy, CIMultiDict)):
         values = headers.getall("Connection", ())
     else:
         values = [v for k, v in headers.items() if k.lower() == "connection"]

@@ -14,6 +14,7 @@ from typing import Any, Final
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import regex  # type: ignore[import-untyped,unused-ignore]
+from multidict import CIMultiDict, CIMultiDictProxy
 
 #: Headers as a mapping or as (name, value) pairs (repeated names kept).
 Headers = Mapping[str, str] | Iterable[tuple[str, str]]
@@ -313,10 +314,14 @@ def header_secrets(headers: Headers) -> list[str]:
     return found
 
 
+#: Header mappings: the ones the proxy meets first, the (slower) abstract Mapping last.
+_MAPPINGS = (dict, CIMultiDictProxy, CIMultiDict, Mapping)
+
+
 def _header_items(
     headers: Headers,
 ) -> Iterable[tuple[str, str]]:
-    if isinstance(headers, Mapping):
+    if isinstance(headers, _MAPPINGS):
         return headers.items()
     return headers
 
