@@ -14,10 +14,11 @@ several-upstreams support on a config with one upstream).
 CPU time per request moves by 5 % or more between runs of the same revision on
 a shared machine, which hides smaller changes. ``--instructions`` counts instead
 the instructions the proxy process executes per request (all its threads, user
-space only) under valgrind's callgrind, switched on only while the load runs:
-the same revision gives the same count within about 0.5 %. It runs some 50x
-slower, so the load is lighter (a few hundred requests), and it leaves out what
-the kernel spends on the sockets, which is about the same for both revisions.
+space only) under valgrind's callgrind, switched on only while the load runs and
+less what the same process spends idle for as long: the same revision gives the
+same count within about 1 %. It runs some 50x slower, so the load is lighter (a
+few hundred requests), and it leaves out what the kernel spends on the sockets,
+which is about the same for both revisions.
 """
 
 from __future__ import annotations
@@ -95,17 +96,22 @@ def measure(
         run_wrk(script, url, conns, 3 if instructions else 1)  # warm-up
         time.sleep(0.5)
         if instructions:
-            callgrind_control(proc.pid, "on")
+            # First as long with no load: what the proxy spends idle (its timers and
+            # threads) is taken off, as it weighs 50x more per request under valgrind.
+            callgrind_control(proc.pid, "-i", "on")
+            time.sleep(seconds)
+            callgrind_control(proc.pid, "-d", "idle")
         before = cpu_seconds(proc.pid)[0]
         result = run_wrk(script, url, conns, seconds)
         after = cpu_seconds(proc.pid)[0]
         if instructions:
-            callgrind_control(proc.pid, "off")
+            callgrind_control(proc.pid, "-d", "load")
     finally:
         stop(proc)
     result["cpu_us"] = (after - before) * 1e6 / max(1, result["requests"])
     if instructions:
-        result["instructions"] = callgrind_total(folder) / max(1, result["requests"])
+        idle, load = (callgrind_total(folder / f"callgrind.out.{n}") for n in (1, 2))
+        result["instructions"] = (load - idle) / max(1, result["requests"])
     return result
 
 
@@ -113,25 +119,22 @@ def measure(
 CALLGRIND = ["valgrind", "--tool=callgrind", "--instr-atstart=no"]
 
 
-def callgrind_control(pid: int, state: str) -> None:
-    """Switch callgrind's counting on or off in the running process."""
+def callgrind_control(pid: int, *command: str) -> None:
+    """Tell callgrind in the running process to count (``-i on``) or to write what it
+    counted so far and start again from zero (``-d NAME``: one numbered file each)."""
     subprocess.run(
-        ["callgrind_control", "-i", state, str(pid)], check=True, capture_output=True, timeout=60
+        ["callgrind_control", *command, str(pid)], check=True, capture_output=True, timeout=60
     )
 
 
-def callgrind_total(folder: Path) -> int:
-    """The instructions counted, summed over the files callgrind wrote (one per thread
-    with --separate-threads; one in all here)."""
-    total = 0
-    for path in folder.glob("callgrind.out*"):
-        # "summary:" heads the file (0 when counting began late); "totals:" ends it.
-        lines = path.read_text("utf-8", "replace").splitlines()
-        total += max(
-            (int(line.split()[1]) for line in lines if line.startswith(("summary:", "totals:"))),
-            default=0,
-        )
-    return total
+def callgrind_total(path: Path) -> int:
+    """The instructions one callgrind file counted."""
+    lines = path.read_text("utf-8", "replace").splitlines()
+    # "summary:" heads the file (0 when counting began late); "totals:" ends it.
+    return max(
+        (int(line.split()[1]) for line in lines if line.startswith(("summary:", "totals:"))),
+        default=0,
+    )
 
 
 def ensure_valgrind() -> None:
