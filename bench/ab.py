@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import BENCH, ROOT, log
-from harness.load import cpu_seconds, run_wrk, wrk_script
+from harness.load import cpu_seconds, ensure_program, run_wrk, wrk_script
 from harness.targets import free_port, spawn, stop, wait_http
 
 #: (label, connections, logging on)
@@ -137,21 +136,6 @@ def callgrind_total(path: Path) -> int:
     )
 
 
-def ensure_valgrind() -> None:
-    if shutil.which("valgrind") and shutil.which("callgrind_control"):
-        return
-    log("valgrind missing: installing it with apt-get ...")
-    subprocess.run(["apt-get", "update", "-qq"], check=False, timeout=300)
-    subprocess.run(
-        ["apt-get", "install", "-y", "-qq", "valgrind"],
-        check=True,
-        timeout=600,
-        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-    )
-    if not shutil.which("callgrind_control"):
-        raise SystemExit("valgrind could not be installed")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("revisions", nargs=2, help="two git revisions (commits, tags, branches)")
@@ -171,7 +155,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.instructions:
-        ensure_valgrind()
+        ensure_program("callgrind_control", "valgrind")
     with tempfile.TemporaryDirectory(prefix="fhp-ab-") as tmp:
         work = Path(tmp)
         sources = {}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp import web
 
 from .conftest import StartProxy, chat_body
@@ -177,25 +178,21 @@ def reply_of(size: int) -> bytes:
     return orjson.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]})
 
 
-async def test_a_declared_length_past_the_limit_fails_its_attempt(
-    start_proxy: StartProxy, upstream: FakeUpstream, client: aiohttp.ClientSession
+@pytest.mark.parametrize(
+    "sent",
+    [
+        Declared(body=reply_of(2 * MB)),  # its Content-Length says so
+        Declared(body=reply_of(8 * MB), gzip=True),  # about 8 KB on the wire, 8 MB inflated
+    ],
+    ids=["declared", "compressed"],
+)
+async def test_a_reply_past_the_limit_with_a_content_length_fails_its_attempt(
+    start_proxy: StartProxy, upstream: FakeUpstream, client: aiohttp.ClientSession, sent: Declared
 ) -> None:
     proxy = await start_proxy(
         {"target_proxy": {"max_reply_mb": 1}, "error_handling": {"max_retries": 0}}
     )
-    upstream.queue(Declared(body=reply_of(2 * MB)))
-    status, body = await ask(client, proxy.url)
-    assert status == 502
-    assert "larger than 1 MB (target_proxy.max_reply_mb)" in orjson.loads(body)["error"]["message"]
-
-
-async def test_a_small_compressed_reply_that_inflates_past_the_limit_fails_its_attempt(
-    start_proxy: StartProxy, upstream: FakeUpstream, client: aiohttp.ClientSession
-) -> None:
-    proxy = await start_proxy(
-        {"target_proxy": {"max_reply_mb": 1}, "error_handling": {"max_retries": 0}}
-    )
-    upstream.queue(Declared(body=reply_of(8 * MB), gzip=True))  # about 8 KB on the wire
+    upstream.queue(sent)
     status, body = await ask(client, proxy.url)
     assert status == 502
     assert "larger than 1 MB (target_proxy.max_reply_mb)" in orjson.loads(body)["error"]["message"]

@@ -203,20 +203,25 @@ def wrk_script(folder: Path, name: str, mix: bool = False, delay_ms: float | Non
 
 
 def ensure_wrk() -> str:
-    exe = shutil.which("wrk")
+    return ensure_program("wrk", "wrk")
+
+
+def ensure_program(program: str, package: str) -> str:
+    """``program``'s path, installed with apt-get (as root) from ``package`` when missing."""
+    exe = shutil.which(program)
     if exe:
         return exe
-    log("wrk missing: installing it with apt-get ...")
+    log(f"{program} missing: installing {package} with apt-get ...")
     subprocess.run(["apt-get", "update", "-qq"], check=False, timeout=300)
     subprocess.run(
-        ["apt-get", "install", "-y", "-qq", "wrk"],
+        ["apt-get", "install", "-y", "-qq", package],
         check=True,
         timeout=600,
         env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
     )
-    exe = shutil.which("wrk")
+    exe = shutil.which(program)
     if not exe:
-        raise SystemExit("wrk could not be installed")
+        raise SystemExit(f"{program} could not be installed")
     return exe
 
 
