@@ -151,7 +151,7 @@ def main() -> None:
         "--instructions",
         action="store_true",
         help="count the instructions per request under valgrind's callgrind (steady to about "
-        "0.5 %%, where CPU time moves by 5 %%) instead of CPU time; about 50x slower",
+        "1 %%, where CPU time moves by 5 %%) instead of CPU time; about 50x slower",
     )
     args = parser.parse_args()
     if args.instructions:

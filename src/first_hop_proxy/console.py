@@ -59,17 +59,22 @@ _PLAIN = frozenset({int, float, bool, type(None)})
 _IMMUTABLE = _PLAIN | {str}
 
 
-def _render(record: logging.LogRecord) -> None:
-    """Put the record's arguments into its message, each made safe for one line."""
+def _unchangeable(args: object) -> bool:
+    """Arguments that are all strings and numbers: rendered later, they still read the same."""
+    return isinstance(args, tuple) and _IMMUTABLE.issuperset(map(type, args))
+
+
+def _render(record: logging.LogRecord, unchangeable: bool = False) -> None:
+    """Put the record's arguments into its message, each made safe for one line.
+
+    ``unchangeable``: they are all strings and numbers (:func:`_unchangeable`); when
+    every string is printable too (so holds no line break: most lines), there is
+    nothing to make safe, which one pass over the strings joined tells.
+    """
     args = record.args
     if isinstance(args, tuple):
-        # Most lines: strings and numbers only, every string printable (so no line
-        # break): nothing to make safe, checked in one pass over the strings joined.
-        plain = (
-            _IMMUTABLE.issuperset(map(type, args))
-            and "".join([a for a in args if type(a) is str]).isprintable()
-        )
-        if not plain:
+        safe = unchangeable and "".join([a for a in args if type(a) is str]).isprintable()
+        if not safe:
             record.args = tuple(_safe_arg(a) for a in args)
     elif isinstance(args, dict):
         record.args = {k: _safe_arg(v) for k, v in args.items()}
@@ -82,15 +87,15 @@ class ConsoleFormatter(logging.Formatter):
     and a line without a traceback put together directly (the logging module's general
     formatting costs more than the rest of writing the line)."""
 
-    def format(self, record: logging.LogRecord) -> str:
-        if record.exc_info or record.exc_text or record.stack_info:
-            return super().format(record)
-        return f"{self.formatTime(record)} {record.levelname} {record.getMessage()}"
-
     def __init__(self) -> None:
         super().__init__(FORMAT, DATE_FORMAT)
         self._second = -1
         self._time = ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info or record.exc_text or record.stack_info:
+            return super().format(record)
+        return f"{self.formatTime(record)} {record.levelname} {record.getMessage()}"
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         second = int(record.created)
@@ -122,8 +127,7 @@ class BatchingHandler(logging.Handler):
         # Arguments that cannot change (strings, numbers: the request line's) are
         # rendered by the thread; any other is rendered now, while it still means
         # what it meant. Either way a value cannot break the line it is in.
-        args = record.args
-        if not (isinstance(args, tuple) and _IMMUTABLE.issuperset(map(type, args))):
+        if not _unchangeable(record.args):
             _render(record)
         self._records.append(record)  # thread-safe, wakes nobody
 
@@ -137,8 +141,8 @@ class BatchingHandler(logging.Handler):
         while self._records:
             record = self._records.popleft()
             try:
-                if record.args:
-                    _render(record)
+                if record.args:  # left by emit: strings and numbers only
+                    _render(record, unchangeable=True)
                 line = self.redactor.text(self.format(record))
                 # A printable line holds no control character (most lines): no scan.
                 if not line.isprintable():

@@ -111,19 +111,8 @@ def tokens(usage: Mapping[str, Any]) -> tuple[int, int, int]:
     completion = usage.get("completion_tokens")
     if completion is None:
         completion = usage.get("output_tokens")
-    total = usage.get("total_tokens")
-    # Whole numbers in range, the usual case, without a call each: the request path.
-    if (
-        type(prompt) is int
-        and type(completion) is int
-        and type(total) is int
-        and 0 <= prompt <= MAX_TOKENS
-        and 0 <= completion <= MAX_TOKENS
-        and 0 < total <= MAX_TOKENS
-    ):
-        return prompt, completion, total
     p, c = token_count(prompt), token_count(completion)
-    return p, c, token_count(total) or p + c
+    return p, c, token_count(usage.get("total_tokens")) or p + c
 
 
 def merge(into: Batch, batch: Batch) -> None:
