@@ -5,7 +5,12 @@ from __future__ import annotations
 import io
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import pytest
+
+from first_hop_proxy import console
 from first_hop_proxy.console import (
     DATE_FORMAT,
     FORMAT,
@@ -115,3 +120,66 @@ def test_the_console_format_is_logging_s_own_made_cheaper() -> None:
         failed = logging.LogRecord("x", logging.ERROR, "", 0, "failed", (), sys.exc_info())
     assert ours.format(failed) == plain.format(failed)
     assert "ValueError: boom" in ours.format(failed)
+
+
+REQUEST_LINE = "%s %s %s -> %s%s, %d attempt%s, %.2f s%s"
+
+
+@contextmanager
+def console_alone() -> Iterator[io.StringIO]:
+    """The root logger as the server sets it up: the console its only handler."""
+    stream = io.StringIO()
+    handler = BatchingHandler(stream, interval=0.01)
+    handler.setFormatter(ConsoleFormatter())
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    try:
+        yield stream
+    finally:
+        handler.close()
+        root.handlers[:] = saved
+        root.setLevel(level)
+
+
+def test_the_request_line_goes_straight_to_the_console_and_reads_the_same() -> None:
+    logger = logging.getLogger("first_hop_proxy_test_line")
+    made: list[logging.LogRecord] = []
+    make_record = logger.makeRecord
+
+    def counted(*args: object, **kwargs: object) -> logging.LogRecord:
+        made.append(make_record(*args, **kwargs))  # type: ignore[arg-type]
+        return made[-1]
+
+    logger.makeRecord = counted  # type: ignore[method-assign]
+    key = random_key()
+    model = f"gpt\n12:00:00 INFO forged\x1b[2J {key}"
+    args = ("abc123", model, "json", 200, "", 1, "", 0.25, " (empty reply)")
+    with console_alone() as stream:
+        console.info(logger, REQUEST_LINE, *args)
+        assert made == []  # no LogRecord: the line went to the console's queue
+        logger.info(REQUEST_LINE, *args)
+        assert len(made) == 1
+    fast, usual = stream.getvalue().splitlines()
+    assert fast.split(" ", 1)[1] == usual.split(" ", 1)[1]  # the same, but for the time
+    assert fast.split(" ", 2)[1] == "INFO" and "-> 200, 1 attempt, 0.25 s (empty reply)" in fast
+    assert "\x1b" not in fast and "\\n12:00:00" in fast  # one line, no escape sequence
+    assert_no_leak(key, stream.getvalue())
+
+
+def test_the_request_line_reaches_any_other_handler_through_logging(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    logger = logging.getLogger("first_hop_proxy")
+    with caplog.at_level(logging.INFO, logger="first_hop_proxy"):
+        console.info(logger, "%s -> %d", "json", 200)  # a capture handler on the way
+        console.info(logger, "%s %s", "args that", ["may change"])  # not strings and numbers
+    assert [r.getMessage() for r in caplog.records] == ["json -> 200", "args that ['may change']"]
+    with console_alone() as stream:
+        logger.setLevel(logging.WARNING)
+        try:
+            console.info(logger, "%s -> %d", "json", 200)  # below the level: nothing
+        finally:
+            logger.setLevel(logging.NOTSET)
+    assert stream.getvalue() == ""

@@ -66,10 +66,12 @@ async def judge(ex: Exchange, outcome: Outcome, history: History) -> Decision:
     A rule that ran out of time is logged.
     """
     policy = ex.settings.policy
-    call = functools.partial(
-        decide, outcome, history, policy, jitter=random.random(), now=time.time(), mask=ex.mask
-    )
-    decision = await asyncio.to_thread(call) if policy.may_run_away(outcome) else call()
+    jitter, now, mask = random.random(), time.time(), ex.mask
+    if policy.may_run_away(outcome):
+        judging = functools.partial(decide, jitter=jitter, now=now, mask=mask)
+        decision = await asyncio.to_thread(judging, outcome, history, policy)
+    else:
+        decision = decide(outcome, history, policy, jitter=jitter, now=now, mask=mask)
     if decision.timeouts:
         ex.rule_timeouts(list(decision.timeouts))
     return decision

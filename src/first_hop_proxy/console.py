@@ -19,6 +19,7 @@ import logging
 import re
 import sys
 import threading
+import time
 from typing import Any, TextIO
 
 from .redact import Redactor
@@ -103,6 +104,51 @@ class ConsoleFormatter(logging.Formatter):
             self._time = super().formatTime(record, DATE_FORMAT)
             self._second = second
         return self._time
+
+
+class _Line:
+    """An INFO line queued by :func:`info` without a :class:`logging.LogRecord`: the
+    fields the console's formatter and thread read, and no others."""
+
+    __slots__ = ("args", "created", "message", "msg")
+    levelname = "INFO"
+    exc_info = exc_text = stack_info = None
+
+    def __init__(self, msg: str, args: tuple[object, ...]) -> None:
+        self.created = time.time()
+        self.msg, self.args = msg, args
+
+    def getMessage(self) -> str:  # the name the formatter calls
+        return self.msg % self.args if self.args else self.msg
+
+
+def info(logger: logging.Logger, msg: str, *args: object) -> None:
+    """``logger.info(msg, *args)``, for the line every request writes.
+
+    When the console is the only place such a line can go (no other handler or
+    filter on the way, as the server sets it up), the line goes straight to the
+    console's queue: a :class:`logging.LogRecord` and the handler chain cost as
+    much as the rest of writing the line (measured). Anywhere else (a test's
+    log capture, another handler), the logging module does it as usual.
+    """
+    handler = _console_only(logger)
+    if handler is None or not _unchangeable(args):
+        logger.info(msg, *args)
+        return
+    handler._records.append(_Line(msg, args))  # type: ignore[arg-type]
+
+
+def _console_only(logger: logging.Logger) -> BatchingHandler | None:
+    """The console handler, if an INFO line from ``logger`` would reach it and only it."""
+    root = logging.root
+    if logger.handlers or logger.filters or logger.parent is not root or not logger.propagate:
+        return None
+    if not logger.isEnabledFor(logging.INFO) or root.filters or len(root.handlers) != 1:
+        return None
+    handler = root.handlers[0]
+    if type(handler) is not BatchingHandler or handler.filters or handler.level > logging.INFO:
+        return None
+    return handler
 
 
 class BatchingHandler(logging.Handler):

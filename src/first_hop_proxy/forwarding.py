@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import orjson
 from aiohttp import web
 
+from . import console
 from .attempts import attempt_until_decided
 from .decisions import Action
 from .errors import error_response
@@ -236,7 +237,8 @@ def finish(ex: Exchange, status: int, size: int = 0) -> None:
     chat = ex.chat
     note = f" ({ex.outcome_note})" if ex.outcome_note else ""
     via = f" via {ex.upstream.name}" if ex.upstream is not None and ex.settings.several else ""
-    log.info(
+    console.info(
+        log,
         "%s %s %s -> %s%s, %d attempt%s, %.2f s%s",
         ex.request_id,
         clip(chat.model, MODEL_LIMIT, ex.mask) or "-" if chat else "-",

@@ -24,7 +24,9 @@ from .state import REQUEST_ID, STATE
 log = logging.getLogger("first_hop_proxy")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-CORS_ORIGIN = web.RequestKey("cors_origin", str)
+#: The origin allowed to read the answer (None: no CORS header). Set on every request the
+#: middleware sees, so that reading it never takes the missing-key path (an exception).
+CORS_ORIGIN: web.RequestKey[str | None] = web.RequestKey("cors_origin")
 
 
 def new_request_id() -> str:
@@ -77,7 +79,7 @@ def front_door() -> Middleware:
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        request_id_of(request)
+        request[REQUEST_ID] = new_request_id()  # the first to ask: made here, not looked up
         state = request.app[STATE]
         guard = state.guard
         headers = request.headers
@@ -89,9 +91,7 @@ def front_door() -> Middleware:
             origin, headers.get("Sec-Fetch-Site"), host
         ):
             return refuse(request, 403, foreign_origin_message(origin), "origin_not_allowed")
-        allow = guard.cors_origin(origin, path)
-        if allow is not None:
-            request[CORS_ORIGIN] = allow
+        request[CORS_ORIGIN] = guard.cors_origin(origin, path)
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in headers:
             return preflight(request)
         locked = state.access.refusal(path, headers)
