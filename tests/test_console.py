@@ -153,9 +153,11 @@ def test_the_request_line_goes_straight_to_the_console_and_reads_the_same() -> N
         return made[-1]
 
     logger.makeRecord = counted  # type: ignore[method-assign]
-    key = random_key()
-    model = f"gpt\n12:00:00 INFO forged\x1b[2J {key}"
-    args = ("abc123", model, "json", 200, "", 1, "", 0.25, " (empty reply)")
+    key, client_key = random_key(), random_key("cl-", 40)  # the client's: not key-shaped
+    model = f"gpt\n12:00:00 INFO forged\x1b[2J {key} {client_key}" + "x" * 200
+    headers = {"Authorization": f"Bearer {client_key}", "Content-Type": "application/json"}
+    sent = console.ClientText(model, 100, headers, Redactor())
+    args = ("abc123", sent, "json", 200, "", 1, "", 0.25, " (empty reply)")
     with console_alone() as stream:
         console.info(logger, REQUEST_LINE, *args)
         assert made == []  # no LogRecord: the line went to the console's queue
@@ -164,8 +166,10 @@ def test_the_request_line_goes_straight_to_the_console_and_reads_the_same() -> N
     fast, usual = stream.getvalue().splitlines()
     assert fast.split(" ", 1)[1] == usual.split(" ", 1)[1]  # the same, but for the time
     assert fast.split(" ", 2)[1] == "INFO" and "-> 200, 1 attempt, 0.25 s (empty reply)" in fast
-    assert "\x1b" not in fast and "\\n12:00:00" in fast  # one line, no escape sequence
+    assert "\x1b" not in fast and "gpt 12:00:00 INFO forged\\x1b[2J sk-…" in fast  # one line
+    assert " cl-…" in fast and "x" * 50 in fast and "x" * 150 not in fast  # masked, then clipped
     assert_no_leak(key, stream.getvalue())
+    assert_no_leak(client_key, stream.getvalue())
 
 
 def test_the_request_line_reaches_any_other_handler_through_logging(

@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any, TextIO
 
-from .redact import Redactor
+from .redact import Headers, Redactor, clip, header_secrets
 
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 DATE_FORMAT = "%H:%M:%S"
@@ -56,8 +56,28 @@ def _safe_arg(value: Any) -> Any:
     return escape_controls(text) if _CONTROL.search(text) else text
 
 
+class ClientText:
+    """A text a client sent (its model name) for a console line: masked, with the key
+    that client sent as well, and clipped to ``limit`` characters when the line is
+    written, on the console's thread.
+
+    Masking it on the event loop meant working out the client's key from its headers
+    for every request, code run once per request and cold: 7 us of a 330 us request
+    (measured in place), against well under 1 us each in the thread's batches.
+    """
+
+    __slots__ = ("headers", "limit", "redactor", "text")
+
+    def __init__(self, text: str, limit: int, headers: Headers, redactor: Redactor) -> None:
+        self.text, self.limit, self.headers, self.redactor = text, limit, headers, redactor
+
+    def __str__(self) -> str:
+        mask = self.redactor.with_secrets(header_secrets(self.headers)).text
+        return clip(self.text, self.limit, mask) or "-"
+
+
 _PLAIN = frozenset({int, float, bool, type(None)})
-_IMMUTABLE = _PLAIN | {str}
+_IMMUTABLE = _PLAIN | {str, ClientText}
 
 
 def _unchangeable(args: object) -> bool:
@@ -74,6 +94,8 @@ def _render(record: logging.LogRecord, unchangeable: bool = False) -> None:
     """
     args = record.args
     if isinstance(args, tuple):
+        if unchangeable and ClientText in map(type, args):
+            args = record.args = tuple([str(a) if type(a) is ClientText else a for a in args])
         safe = unchangeable and "".join([a for a in args if type(a) is str]).isprintable()
         if not safe:
             record.args = tuple(_safe_arg(a) for a in args)

@@ -24,7 +24,6 @@ from .exchange import ChatRequest, Exchange, failure_response
 from .headers import client_headers, forwardable
 from .keys import Key
 from .logs.request_log import RequestRecord
-from .redact import clip
 from .shutdown import DRAIN, end_reply
 from .state import REQUEST_ID, STATE
 from .streaming import relay_stream
@@ -241,7 +240,9 @@ def finish(ex: Exchange, status: int, size: int = 0) -> None:
         log,
         "%s %s %s -> %s%s, %d attempt%s, %.2f s%s",
         ex.request_id,
-        clip(chat.model, MODEL_LIMIT, ex.mask) or "-" if chat else "-",
+        console.ClientText(chat.model, MODEL_LIMIT, ex.request.headers, ex.settings.redactor)
+        if chat
+        else "-",
         "stream" if chat and chat.stream else "json",
         status,
         via,
