@@ -56,6 +56,14 @@ def test_banner_reply(style: str, status: int, reason: str) -> None:
     assert found.text == f"Proxy error (HTTP {status} {reason}): {QUOTA}"
 
 
+@pytest.mark.parametrize("lead", ["", " ", "\n\n", "\t", "\u3000", "## ", "\n# "])
+def test_a_banner_after_any_whitespace_or_heading_marks(lead: str) -> None:
+    text = f"{lead}**Proxy error (HTTP 503 Service Unavailable)**\n\n*{QUOTA}*"
+    found = disguised_error(completion(text))
+    assert found is not None and found.status == 503 and found.message == QUOTA
+    assert disguised_error(completion("x" + text)) is None  # not at the start: a reply
+
+
 def test_stream_chunk_and_queue_kill() -> None:
     found = disguised_error(disguised_chunk(status=503, reason="Service Unavailable"))
     assert found is not None and found.status == 503

@@ -48,6 +48,7 @@ _TITLE_SECONDS: Final = 0.05
 _TITLES_SEEN: Final = 256
 
 _BANNER: Final = re.compile(r"\s*(?:#{1,6}[ \t]*)?\*\*(?P<title>[^*\n]{1,200}?)\*\*")
+_BANNER_STARTS: Final = ("#", "*", "")
 _BRACKETED: Final = re.compile(r"\s*\[(?P<title>[^:\]\n]{1,100}):\s*(?P<message>.*)\]\s*\Z", re.S)
 _STATUS: Final = re.compile(r"\bHTTP (?P<code>[1-5]\d\d)\b")
 _FENCE: Final = re.compile(r"```[a-zA-Z]*\n(?P<body>.*?)\n\s*```", re.S)
@@ -147,7 +148,9 @@ def disguised_error(
     marked = headers is not None and bool(headers.get(ERROR_HEADER))
     text = _reply_text(choice)
     head = text[:_HEAD]
-    banner = _BANNER.match(head)
+    # A banner starts with '#' or '**' (after any whitespace): most replies do not.
+    first = head[:1]
+    banner = _BANNER.match(head) if first in _BANNER_STARTS or first.isspace() else None
     if banner is not None and not title.matches(banner["title"]):
         banner = None
     killed = _BRACKETED.match(head) if "[" in head[:8] else None

@@ -80,7 +80,8 @@ def forwardable(
     """The client's headers that may go upstream: no hop-by-hop ones, no Accept-Encoding,
     no placeholder key, none of ``consumed`` (lower-case names the proxy used itself, such
     as a client key)."""
-    drop = REQUEST_DROP | _connection_named(client) | consumed
+    named = _connection_named(client)
+    drop = REQUEST_DROP | named | consumed if named or consumed else REQUEST_DROP
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in client.items():
         lower = name.lower()
