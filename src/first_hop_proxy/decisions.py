@@ -677,7 +677,7 @@ class _Judge:
             if o.status is not None and not 200 <= o.status < 300 and o.body:
                 return unwrap(_parse(o.body))
             return _NOT_JSON
-        return unwrap(_parse(o.body)) if o.body.strip() else _NOT_JSON
+        return unwrap(_parse(o.body)) if o.body and not o.body.isspace() else _NOT_JSON
 
     def message(self) -> str:
         """What the upstream said, for the person: its error event, its error

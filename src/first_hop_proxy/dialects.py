@@ -147,13 +147,13 @@ def disguised_error(
     titled = isinstance(finish, str) and title.matches(finish)
     marked = headers is not None and bool(headers.get(ERROR_HEADER))
     text = _reply_text(choice)
-    head = text[:_HEAD]
+    # Only the first _HEAD characters are looked at (matched in place: no copy).
     # A banner starts with '#' or '**' (after any whitespace): most replies do not.
-    first = head[:1]
-    banner = _BANNER.match(head) if first in _BANNER_STARTS or first.isspace() else None
+    first = text[:1]
+    banner = _BANNER.match(text, 0, _HEAD) if first in _BANNER_STARTS or first.isspace() else None
     if banner is not None and not title.matches(banner["title"]):
         banner = None
-    killed = _BRACKETED.match(head) if "[" in head[:8] else None
+    killed = _BRACKETED.match(text, 0, _HEAD) if "[" in text[:8] else None
     if killed is not None and not title.matches(killed["title"]):
         killed = None
     if not (titled or (anywhere and (banner or killed or marked))):
