@@ -187,3 +187,8 @@ def test_the_request_line_reaches_any_other_handler_through_logging(
         finally:
             logger.setLevel(logging.NOTSET)
     assert stream.getvalue() == ""
+    with console_alone() as stream:
+        handler = logging.getLogger().handlers[0]
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))  # reads any field
+        console.info(logger, "%s -> %d", "json", 200)
+    assert stream.getvalue() == "first_hop_proxy: json -> 200\n"

@@ -4,7 +4,10 @@ One line per request is part of the product, but writing it from the event
 loop means a blocking write to the terminal, and handing each line to a
 thread through a queue wakes that thread per request (measured: a fifth of
 the proxy's time under load). Here records only go into a deque; a thread
-writes whatever has gathered every ``interval`` seconds.
+writes whatever has gathered every ``interval`` seconds. The line every request
+writes skips even the logging module's record when the console is the only place it
+can go (:func:`info`), and the model name in it is masked on that thread
+(:class:`ClientText`).
 
 Lines carry what clients and upstreams sent (a model name, an error text), so
 each is made safe for a terminal: control characters are escaped (a newline
@@ -170,7 +173,8 @@ def _console_only(logger: logging.Logger) -> BatchingHandler | None:
     handler = root.handlers[0]
     if type(handler) is not BatchingHandler or handler.filters or handler.level > logging.INFO:
         return None
-    return handler
+    # Another formatter may read any record attribute; the console's reads those of _Line.
+    return handler if type(handler.formatter) is ConsoleFormatter else None
 
 
 class BatchingHandler(logging.Handler):
