@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Any, TextIO
 
-from .redact import Headers, Redactor, clip, header_secrets
+from .redact import Headers, Redactor, clip
 
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 DATE_FORMAT = "%H:%M:%S"
@@ -75,7 +75,7 @@ class ClientText:
         self.text, self.limit, self.headers, self.redactor = text, limit, headers, redactor
 
     def __str__(self) -> str:
-        mask = self.redactor.with_secrets(header_secrets(self.headers)).text
+        mask = self.redactor.with_header_secrets(self.headers).text
         return clip(self.text, self.limit, mask) or "-"
 
 

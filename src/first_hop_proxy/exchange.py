@@ -124,7 +124,7 @@ class Exchange:
     def redactor(self) -> Redactor:
         """The proxy's redactor, also masking the key this client sent."""
         if self._redactor is None:
-            self._redactor = self.settings.redactor.with_secrets(self.client_secrets())
+            self._redactor = self.settings.redactor.with_header_secrets(self.request.headers)
         return self._redactor
 
     def mask(self, text: str) -> str:

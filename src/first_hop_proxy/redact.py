@@ -368,6 +368,10 @@ class Redactor:
             self._derived[extra] = derived
         return derived
 
+    def with_header_secrets(self, headers: Headers) -> Redactor:
+        """A redactor that also masks the credentials in ``headers`` (a client's key)."""
+        return self.with_secrets(header_secrets(headers))
+
     def text(self, text: str) -> str:
         """Mask known secrets and key-shaped strings anywhere in ``text``.
 
