@@ -22,7 +22,7 @@ from first_hop_proxy.config import ConfigError, parse_config
 from first_hop_proxy.decisions import Action, History, Outcome, decide, error_body
 from first_hop_proxy.keys import INVALID_KEY, KeyPool, Step, label_of
 from first_hop_proxy.quotas import (
-    PACIFIC,
+    pacific,
     body_retry_delay,
     daily_quota,
     next_pacific_midnight,
@@ -99,8 +99,8 @@ def test_wrapped_in_a_list_and_openrouter_words() -> None:
 
 
 def test_next_pacific_midnight() -> None:
-    now = datetime(2026, 12, 3, 20, 30, tzinfo=PACIFIC).timestamp()
-    midnight = datetime.fromtimestamp(next_pacific_midnight(now), PACIFIC)
+    now = datetime(2026, 12, 3, 20, 30, tzinfo=pacific()).timestamp()
+    midnight = datetime.fromtimestamp(next_pacific_midnight(now), pacific())
     assert (midnight.day, midnight.hour, midnight.minute) == (4, 0, 0)
     assert next_pacific_midnight(now) - now == 3.5 * 3600
 

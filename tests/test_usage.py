@@ -573,7 +573,7 @@ def test_tokens_accept_only_sane_numbers() -> None:
 
 
 def chat_request(body: bytes) -> ChatRequest:
-    return ChatRequest(body=body, payload=orjson.loads(body), headers=None, stream=True, model="m")  # type: ignore[arg-type]
+    return ChatRequest(body=body, parsed=orjson.loads(body), headers=None, stream=True, model="m")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

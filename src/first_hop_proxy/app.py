@@ -17,7 +17,6 @@ from .demo import add_demo_routes
 from .errors import json_response
 from .forwarding import chat_completions
 from .logs.views import add_log_routes, logging_status
-from .metrics import add_metrics_route
 from .middleware import add_response_headers, front_door
 from .model_list import list_models
 from .redact import masked_url
@@ -73,6 +72,13 @@ async def health_detailed(request: web.Request) -> web.Response:
     return json_response(body)
 
 
+async def metrics(request: web.Request) -> web.StreamResponse:
+    """``GET /metrics``: :mod:`metrics` (and ``prometheus_client``) loads on the first scrape."""
+    from .metrics import metrics as page
+
+    return await page(request)
+
+
 def add_routes(app: web.Application) -> None:
     for prefix in PREFIXES:
         app.router.add_post(prefix + "/chat/completions", chat_completions)
@@ -101,7 +107,7 @@ def create_app(loaded: LoadedConfig, host: str | None = None) -> web.Application
     add_routes(app)
     add_log_routes(app, lambda: (state.request_log, state.error_log))
     add_usage_routes(app, state.usage)
-    add_metrics_route(app)
+    app.router.add_get("/metrics", metrics)
     add_dashboard_routes(app)
     if loaded.demo:
         add_demo_routes(app)

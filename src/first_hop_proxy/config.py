@@ -8,7 +8,6 @@ line per problem, each naming the key path and what to do about it.
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import ipaddress
 import os
@@ -692,6 +691,8 @@ def _unknown_keys(model: type[Section], data: Any, path: str) -> list[str]:
     for key, value in data.items():
         key_path = _join(path, str(key))
         if key not in fields:
+            import difflib  # only for a config with an unknown key
+
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             warnings.append(f"{key_path}: unknown key, ignored{hint}")

@@ -14,10 +14,7 @@ import errno
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib.resources import files
 from pathlib import Path
-
-from platformdirs import user_config_path
 
 APP_NAME = "first-hop-proxy"
 FILE_NAME = "config.yaml"
@@ -27,6 +24,8 @@ INIT_COMMAND = "first-hop-proxy init"
 
 def user_config_file() -> Path:
     """The user's own config file, wherever this platform keeps such files."""
+    from platformdirs import user_config_path  # imported when asked: a serving proxy never is
+
     return user_config_path(APP_NAME, appauthor=False, roaming=True) / FILE_NAME
 
 
@@ -66,6 +65,8 @@ def find_config(path: Path | None, env: Mapping[str, str] | None = None) -> Look
 
 def starter_config() -> str:
     """The commented starter config (the same text as the repository's config.yaml.example)."""
+    from importlib.resources import files
+
     return files("first_hop_proxy").joinpath(STARTER_RESOURCE).read_text(encoding="utf-8")
 
 

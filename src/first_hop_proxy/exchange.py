@@ -30,16 +30,33 @@ class ChatRequest:
 
     ``headers`` are the client's, minus hop-by-hop ones; each upstream adds its
     configured headers, and its own model name where ``model_map`` has one.
+
+    Once the first upstream's body is made, the parsed body is let go (``parsed``
+    is None) and parsed again from ``body`` only if something needs it (another
+    upstream's model name, a stream resume): a chat of 2 KB of JSON is 3 KB of
+    Python objects, held for as long as the reply takes (1,000 streams: 3 MB).
     """
 
     body: bytes
-    payload: dict[str, Any]
+    parsed: dict[str, Any] | None
     headers: CIMultiDict[str]
     stream: bool
     model: str
     _prepared: dict[tuple[str, str, bool], tuple[bytes, CIMultiDict[str]]] = field(
         default_factory=dict
     )
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        """The parsed body (parsed again from ``body`` when it was let go)."""
+        parsed = self.parsed
+        if parsed is None:
+            parsed = self.parsed = orjson.loads(self.body)
+        return parsed
+
+    @payload.setter
+    def payload(self, value: dict[str, Any]) -> None:
+        self.parsed = value
 
     def for_upstream(
         self, upstream: Upstream, key: Key | None = None, *, as_stream: bool = False
@@ -72,6 +89,7 @@ class ChatRequest:
                 headers[name] = value
             prepared = body, headers
             self._prepared[slot] = prepared
+            self.parsed = None  # the bytes go out from here on (see the class's docstring)
         return prepared
 
 

@@ -73,7 +73,7 @@ def parse_chat_request(body: bytes, ex: Exchange) -> ChatRequest | BadRequest:
     model = payload.get("model")
     return ChatRequest(
         body=body,
-        payload=payload,
+        parsed=payload,
         headers=forwardable(ex.request.headers, ex.settings.access.consumed_headers),
         stream=payload.get("stream") is True,
         model=model if isinstance(model, str) else "",

@@ -12,16 +12,22 @@ the provider's own words in ``error.metadata``. Pure functions, no I/O.
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, tzinfo
+from functools import cache
 from typing import Any, Final
-from zoneinfo import ZoneInfo
 
 import orjson
 
 from .dialects import json_error_message
 
-#: Google's daily quotas reset at midnight Pacific time.
-PACIFIC: Final = ZoneInfo("America/Los_Angeles")
+
+@cache
+def pacific() -> tzinfo:
+    """Google's daily quotas reset at midnight Pacific time (loaded when first needed)."""
+    from zoneinfo import ZoneInfo
+
+    return ZoneInfo("America/Los_Angeles")
+
 
 _DELAY: Final = re.compile(
     r"\b(?:retry|try again)(?: the request)? (?:in|after) (\d+(?:\.\d+)?) ?"
@@ -106,7 +112,7 @@ def is_google_quota(doc: Any) -> bool:
 
 def next_pacific_midnight(now: float) -> float:
     """The Unix time of the next midnight in the US Pacific time zone after ``now``."""
-    local = datetime.fromtimestamp(now, PACIFIC)
+    local = datetime.fromtimestamp(now, pacific())
     midnight = (local + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
     return midnight.timestamp()
 
