@@ -22,10 +22,10 @@ from first_hop_proxy.config import ConfigError, parse_config
 from first_hop_proxy.decisions import Action, History, Outcome, decide, error_body
 from first_hop_proxy.keys import INVALID_KEY, KeyPool, Step, label_of
 from first_hop_proxy.quotas import (
-    pacific,
     body_retry_delay,
     daily_quota,
     next_pacific_midnight,
+    pacific,
     provider_detail,
     unwrap,
 )

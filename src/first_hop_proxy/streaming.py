@@ -10,7 +10,6 @@ the client already has (:mod:`resume`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -157,7 +156,7 @@ class _Pulse:
     which is awaiting the job, so the job and its upstream request end at once.
     """
 
-    __slots__ = ("ex", "out", "say", "interval", "owner", "loop", "timer", "writing", "failed")
+    __slots__ = ("ex", "failed", "interval", "loop", "out", "owner", "say", "timer", "writing")
 
     def __init__(
         self,
