@@ -358,6 +358,30 @@ async def test_model_map_sends_the_upstreams_own_name(
     assert upstream.received[-1].json["model"] == "other"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_next_upstream_gets_its_own_model_name_and_the_whole_chat(
+    start_proxy: StartProxy, upstream: FakeUpstream, second: FakeUpstream, stream: bool
+) -> None:
+    # The first upstream's body is made from the parsed chat, which is then let go;
+    # the second's model name needs the chat parsed again from the bytes.
+    proxy = await several(
+        start_proxy,
+        [
+            entry("a", upstream.chat_url),
+            entry("b", second.chat_url, model_map={"opus": "claude-3-opus-20240229"}),
+        ],
+    )
+    upstream.default = Json(503, {"error": {"message": "down"}})
+    second.default = Sse(text_chunks("from", " b")) if stream else Json(200, completion("b"))
+    assert (await post(proxy, stream, model="opus"))[0] == 200
+    first, then = upstream.received[-1].json, second.received[-1].json
+    assert first["model"] == "opus" and then["model"] == "claude-3-opus-20240229"
+    assert then["messages"] == first["messages"] and then["messages"]
+    assert {k: v for k, v in then.items() if k != "model"} == {
+        k: v for k, v in first.items() if k != "model"
+    }
+
+
 async def test_a_404_for_the_model_moves_on(
     start_proxy: StartProxy, upstream: FakeUpstream, second: FakeUpstream
 ) -> None:

@@ -190,7 +190,9 @@ class _Pulse:
             self.timer = self.loop.call_later(self.interval, self._due)
 
     def stop(self) -> None:
-        """No more comments (one being written is finished by :meth:`quiet`)."""
+        """No more comments (one being written is finished by :meth:`quiet`), and the
+        job is over: a comment failing from now on is raised, not cancelled into it."""
+        self.owner = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
