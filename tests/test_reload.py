@@ -169,6 +169,33 @@ async def test_the_file_is_watched(
         await asyncio.wait_for(watcher, 10)
 
 
+async def test_a_save_by_rename_is_seen_and_a_touch_is_not_a_change(
+    reloading: tuple[RunningServer, Reloader, Write], upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    proxy, reloader, write = reloading
+    path = tmp_path / "config.yaml"
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(reloader.watch(stop, every=0.05))
+    try:
+        await asyncio.sleep(0.1)
+        path.write_bytes(path.read_bytes())  # new times, same bytes: nothing to reload
+        await asyncio.sleep(0.6)  # a look, the debounce, and the digest compared
+        assert reloader.reloads == 0
+        # An editor's save: a new file renamed over the old one (a new inode).
+        fresh = tmp_path / "config.yaml.new"
+        fresh.write_text(config_text(upstream.chat_url, tmp_path, "RENAMED"))
+        fresh.replace(path)
+        await wait_until(lambda: reloader.reloads == 1, 5)
+        upstream.default = Json(200, completion("hello"))
+        assert await ask(proxy) == "RENAMED"
+        path.unlink()  # gone: refused, the config in use stays
+        await wait_until(lambda: reloader.refusals == 1, 5)
+        assert await ask(proxy) == "RENAMED"
+    finally:
+        stop.set()
+        await asyncio.wait_for(watcher, 5)
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="SIGHUP exists on POSIX only")
 async def test_sighup_reloads(tmp_path: Path, upstream: FakeUpstream) -> None:
     port = free_port()

@@ -288,6 +288,8 @@ class Relay:
     continuation.
     """
 
+    __slots__ = ("disguises", "ex", "observing", "out", "rewriting", "seam", "transcript", "usage")
+
     def __init__(self, ex: Exchange, out: web.StreamResponse) -> None:
         settings = ex.settings
         self.ex, self.out = ex, out

@@ -41,7 +41,7 @@ REPLY_LOG_CHARS = 16_384
 SECONDS_PER_DAY = 86400.0
 
 
-@dataclass
+@dataclass(slots=True)  # one or more per request in flight
 class AttemptRecord:
     """One try against the upstream, and what the resilience layer decided about it."""
 
@@ -62,7 +62,7 @@ class AttemptRecord:
     code: str = ""  # a failed attempt's status or failure kind (``timeout``, ``empty_response``)
 
 
-@dataclass
+@dataclass(slots=True)  # one or more per request in flight
 class ResumeRecord:
     """One try at finishing a stream that broke after its content had started."""
 
@@ -81,7 +81,7 @@ class ResumeRecord:
     outcome: str = ""
 
 
-@dataclass
+@dataclass(slots=True)  # one or more per request in flight
 class RequestRecord:
     """Everything about one request, filled in by the server as it happens.
 
