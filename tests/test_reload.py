@@ -172,7 +172,7 @@ async def test_the_file_is_watched(
 async def test_a_save_by_rename_is_seen_and_a_touch_is_not_a_change(
     reloading: tuple[RunningServer, Reloader, Write], upstream: FakeUpstream, tmp_path: Path
 ) -> None:
-    proxy, reloader, write = reloading
+    proxy, reloader, _ = reloading
     path = tmp_path / "config.yaml"
     stop = asyncio.Event()
     watcher = asyncio.create_task(reloader.watch(stop, every=0.05))
