@@ -24,6 +24,7 @@ from first_hop_proxy.logs.request_log import (
 )
 from first_hop_proxy.logs.writer import LogWriter, write_new_file
 
+from .conftest import wait_until
 from .keys import assert_no_leak, random_key
 
 NAME_RE = re.compile(r"^\d{8}_\d{6}_\d{3}_[A-Za-z0-9-]+\.log$")
@@ -175,6 +176,37 @@ class TestRequestLog:
         [entry] = log.entries(10)
         assert (entry.request_id, entry.status, entry.attempts) == ("a1b2c3d4", 200, 3)
         assert log.path_for("a1b2c3d4") == files[0]
+
+    async def test_a_followed_stream_is_parsed_while_it_flows(self, tmp_path: Path) -> None:
+        writer = LogWriter(interval=0.01)
+        await writer.start()
+        try:
+            log = RequestLog(cfg(tmp_path), writer)
+            record = RequestRecord(request_id="s1", endpoint="/chat/completions", stream=True)
+            log.follow(record)
+
+            def event(text: str, finish: str | None = None) -> bytes:
+                choice = {"index": 0, "delta": {"content": text}, "finish_reason": finish}
+                return orjson.dumps({"object": "chat.completion.chunk", "choices": [choice]})
+
+            for word in ("Once", " upon", " a"):
+                record.keep_stream_data(event(word))
+            # Parsed on the writer thread while the stream goes on: the raw events go.
+            await wait_until(lambda: not record.stream_data, 5)
+            assert record.stream_text == {0: ["Once upon a"]}
+            record.keep_stream_data(event(" time", "stop"))
+            record.keep_stream_data(b"not json")  # kept, and skipped when parsed
+            record.finish(200)
+            log.write(record)  # the rest is parsed with the log; no longer followed
+            await writer.drain()
+            (path,) = (tmp_path / "logs").iterdir()
+            assert "Once upon a time" in path.read_text()
+            sent = [event(w) for w in ("Once", " upon", " a")] + [event(" time", "stop")]
+            assert record.stream_bytes == sum(map(len, sent)) + len(b"not json")
+            assert record.finish_reasons == {0: "stop"}
+            assert not writer._tended
+        finally:
+            await writer.close()
 
     async def test_disabled_writes_nothing(self, tmp_path: Path, writer: LogWriter) -> None:
         log = RequestLog(cfg(tmp_path, enabled=False), writer)

@@ -298,6 +298,8 @@ class Relay:
         self.observing = (
             settings.request_log.enabled and settings.config.logging.include_response_data
         )
+        if self.observing:
+            settings.request_log.follow(ex.record)
         # A community proxy's error after content: a chunk whose finish_reason is its title.
         self.disguises = settings.policy.disguise_title is not None
         resuming = settings.config.error_handling.stream_resume.enabled
@@ -370,7 +372,7 @@ class Relay:
     def keep(self, data: bytes) -> None:
         """An event's data relayed as it came: for the log and the reply so far."""
         if self.observing:
-            self.ex.record.stream_data.append(data)  # parsed later, by the log writer
+            self.ex.record.keep_stream_data(data)  # parsed by the log writer
         if self.transcript is not None:
             self.transcript.add_data(data)
 
@@ -441,7 +443,7 @@ class Relay:
         for chunk in chunks:
             data = orjson.dumps(chunk)
             if self.observing:
-                self.ex.record.stream_data.append(data)
+                self.ex.record.keep_stream_data(data)
             await self.out.write(frame(data))
 
     async def finish(self) -> None:

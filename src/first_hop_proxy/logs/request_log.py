@@ -114,8 +114,11 @@ class RequestRecord:
     stream_events: int = 0
     first_content: float | None = None
     # The data payloads of a relayed stream, kept as bytes: they are parsed into
-    # stream_text and finish_reasons by the writer thread, not on the event loop.
-    stream_data: list[bytes] = field(default_factory=list)
+    # stream_text and finish_reasons by the writer thread, not on the event loop,
+    # as they come (:meth:`RequestLog.follow`): appended on the loop, taken from
+    # the left on the writer thread (a deque does both safely at once).
+    stream_data: deque[bytes] = field(default_factory=deque)
+    stream_bytes: int = 0  # of stream_data, all told (counted on the loop)
     error: str = ""
     ended_wall: float | None = None
     ended_mono: float | None = None
@@ -156,13 +159,28 @@ class RequestRecord:
             if choice.get("finish_reason"):
                 self.finish_reasons[index] = choice["finish_reason"]
 
+    def keep_stream_data(self, data: bytes) -> None:
+        """Keep a relayed event's data for the log (on the event loop)."""
+        self.stream_data.append(data)
+        self.stream_bytes += len(data)
+
     def assemble_stream(self) -> None:
-        """Parse the kept stream payloads into text per choice (on the writer thread)."""
-        data, self.stream_data = self.stream_data, []
-        for payload in data:
-            chunk = parse_event(payload)
+        """Parse the stream payloads kept so far into text per choice (writer thread).
+
+        Runs while the stream flows and once more at the end: each choice's text is
+        joined into one string as it goes, a few bytes per event instead of the
+        event's whole JSON.
+        """
+        data = self.stream_data
+        if not data:
+            return
+        while data:
+            chunk = parse_event(data.popleft())
             if chunk is not None:
                 self.add_chunk(chunk)  # first_content was timed when it was relayed
+        for parts in self.stream_text.values():
+            if len(parts) > 1:
+                parts[:] = ["".join(parts)]
 
     def finish(self, status: int | None) -> None:
         """Record the final status and the end time."""
@@ -424,15 +442,19 @@ class RequestLog:
         Only the log of a plain success may be dropped when the writer falls
         behind; a failure's log is always kept.
         """
+        self._writer.untend(id(record))
         if not self.cfg.enabled:
             return
         size = len(record.body) + len(record.original_body or b"")
-        size += len(record.response_body or b"")
-        size += sum(len(piece) for parts in record.stream_text.values() for piece in parts)
-        size += sum(map(len, record.stream_data))
+        size += len(record.response_body or b"") + record.stream_bytes
         size += sum(len(attempt.reply) for attempt in record.attempts)
         size += sum(len(resume.messages) for resume in record.resumes)
         self._writer.submit_call(lambda: self._write(record), size, droppable=record.plain_success)
+
+    def follow(self, record: RequestRecord) -> None:
+        """Parse ``record``'s stream data on the writer thread as it comes, until
+        :meth:`write`: 1,000 streams of 20 events held 5 MB of raw events at their end."""
+        self._writer.tend(id(record), record.assemble_stream)
 
     def entries(self, limit: int) -> list[RequestEntry]:
         """Newest first."""

@@ -208,6 +208,8 @@ class LogWriter:
         self.failures = 0
         self.suppressed_warnings = 0
         self.last_error: str | None = None
+        #: Work run on every batch while registered (:meth:`tend`).
+        self._tended: dict[int, Job] = {}
 
     async def start(self) -> None:
         """Start the worker thread (also started on the first submit)."""
@@ -258,6 +260,17 @@ class LogWriter:
         written = write_new_file(path, text, reuse)
         self.written += 1
         return written
+
+    def tend(self, key: int, fn: Job) -> None:
+        """Run ``fn`` on the worker thread on every batch (every ``interval``) until
+        :meth:`untend` (e.g. parsing a live stream's data as it comes, so that its
+        raw events are not all held until it ends). ``fn`` must be safe to run at
+        any moment and once more after ``untend``."""
+        self._tended[key] = fn
+        self._ensure_thread()
+
+    def untend(self, key: int) -> None:
+        self._tended.pop(key, None)
 
     def submit_call(self, fn: Job, size: int = 0, *, droppable: bool = False) -> bool:
         """Queue ``fn`` to run on the worker thread; its errors are counted, not raised.
@@ -381,6 +394,9 @@ class LogWriter:
         while True:
             closing = self._closed  # read first: jobs queued before close() still run
             self._progress = time.monotonic()
+            if self._tended:
+                for tended in list(self._tended.values()):  # a copy: the loop adds and removes
+                    self.run(tended)
             while self._jobs:
                 job = self._jobs.popleft()
                 if isinstance(job, _Uncounted):
