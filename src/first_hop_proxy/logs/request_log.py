@@ -116,8 +116,9 @@ class RequestRecord:
     # The data payloads of a relayed stream, kept as bytes: they are parsed into
     # stream_text and finish_reasons by the writer thread, not on the event loop,
     # as they come (:meth:`RequestLog.follow`): appended on the loop, taken from
-    # the left on the writer thread (a deque does both safely at once).
-    stream_data: deque[bytes] = field(default_factory=deque)
+    # the left on the writer thread (a deque does both safely at once). Made with the
+    # first event: an empty deque is 600 bytes, for every request in flight.
+    stream_data: deque[bytes] | None = None
     stream_bytes: int = 0  # of stream_data, all told (counted on the loop)
     error: str = ""
     ended_wall: float | None = None
@@ -161,6 +162,8 @@ class RequestRecord:
 
     def keep_stream_data(self, data: bytes) -> None:
         """Keep a relayed event's data for the log (on the event loop)."""
+        if self.stream_data is None:
+            self.stream_data = deque()
         self.stream_data.append(data)
         self.stream_bytes += len(data)
 
