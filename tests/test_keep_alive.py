@@ -101,3 +101,32 @@ async def test_a_comment_failing_after_the_job_ended_is_raised() -> None:
         await keep_alive(exchange(0.02), out, asyncio.sleep(0.05), lambda: "x")  # type: ignore[arg-type]
     task = asyncio.current_task()
     assert task is not None and task.cancelling() == 0
+
+
+async def test_a_job_that_swallows_the_cancel_still_hears_why() -> None:
+    async def job() -> str:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            return "cleaned up"  # e.g. an attempt that closes its upstream and returns
+        return "never"
+
+    with pytest.raises(ConnectionResetError):
+        await keep_alive(exchange(0.02), Out(fail=True), job(), lambda: "x")  # type: ignore[arg-type]
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+
+
+async def test_a_cancelled_handler_does_not_wait_for_a_stuck_comment() -> None:
+    out = Out(delay=30)  # a client that reads nothing: the comment never finishes
+    started = asyncio.get_running_loop().time()
+    handler = asyncio.create_task(
+        keep_alive(exchange(0.02), out, asyncio.sleep(30), lambda: "x")  # type: ignore[arg-type]
+    )
+    await asyncio.sleep(0.1)  # the comment is being written
+    assert out.busy
+    handler.cancel()  # e.g. the shutdown ending what is still in progress
+    with pytest.raises(asyncio.CancelledError):
+        await handler
+    assert asyncio.get_running_loop().time() - started < 1
+    assert not out.busy  # the comment's write was cancelled with it

@@ -133,17 +133,14 @@ async def keep_alive(
     pulse = _Pulse(ex, out, say, ex.settings.config.error_handling.stream_keepalive_seconds)
     try:
         result = await job
-    except BaseException as exc:
-        pulse.stop()
-        await pulse.quiet()
-        if isinstance(exc, asyncio.CancelledError) and pulse.failed is not None:
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()  # the cancel was the pulse's own: tell why instead
-            raise pulse.failed from None
+    except asyncio.CancelledError:
+        if await pulse.settle(abandon=True) and pulse.failed is not None:
+            raise pulse.failed from None  # the cancel was the pulse's own: say why instead
         raise
-    pulse.stop()
-    await pulse.quiet()
+    except BaseException:
+        await pulse.settle()
+        raise
+    await pulse.settle()
     if pulse.failed is not None:
         raise pulse.failed
     return result, pulse.out
@@ -156,7 +153,18 @@ class _Pulse:
     which is awaiting the job, so the job and its upstream request end at once.
     """
 
-    __slots__ = ("ex", "failed", "interval", "loop", "out", "owner", "say", "timer", "writing")
+    __slots__ = (
+        "cancelled",
+        "ex",
+        "failed",
+        "interval",
+        "loop",
+        "out",
+        "owner",
+        "say",
+        "timer",
+        "writing",
+    )
 
     def __init__(
         self,
@@ -171,6 +179,7 @@ class _Pulse:
         self.timer: asyncio.TimerHandle | None = self.loop.call_later(interval, self._due)
         self.writing: asyncio.Task[None] | None = None
         self.failed: BaseException | None = None
+        self.cancelled = False  # whether it cancelled the owner (the handler's task)
 
     def _due(self) -> None:
         self.timer = None
@@ -183,30 +192,38 @@ class _Pulse:
             await self.out.write(comment(self.say()))
         except Exception as exc:
             self.failed = exc
-            if self.owner is not None:
+            if self.owner is not None:  # still awaiting the job: end it
+                self.cancelled = True
                 self.owner.cancel()
             return
-        if self.writing is not None:  # not stopped meanwhile
+        if self.owner is not None:  # not settled meanwhile
             self.timer = self.loop.call_later(self.interval, self._due)
 
-    def stop(self) -> None:
-        """No more comments (one being written is finished by :meth:`quiet`), and the
-        job is over: a comment failing from now on is raised, not cancelled into it."""
+    async def settle(self, *, abandon: bool = False) -> bool:
+        """The job is over: no more comments, and one being written is finished first
+        (two writes must never interleave) or, when the handler is being cancelled
+        (``abandon``), cancelled. Returns whether the pulse cancelled the handler
+        itself, a cancel that is then taken back."""
         self.owner = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-
-    async def quiet(self) -> None:
-        """Wait for a comment being written: two writes must never interleave."""
         writing, self.writing = self.writing, None
         if writing is not None and not writing.done():
+            if abandon:
+                writing.cancel()
             try:
                 await asyncio.shield(writing)
             except asyncio.CancelledError:
                 if not writing.cancelled():
                     raise  # the handler's own cancel, not the comment's
-        self.stop()  # a comment that ended meanwhile may have set the next timer
+        if not self.cancelled:
+            return False
+        self.cancelled = False
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        return True
 
 
 def progress(ex: Exchange, most: int, resuming: str = "") -> str:
